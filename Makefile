@@ -1,0 +1,38 @@
+# `make test` and `make demo` each set up everything on a fresh clone: a virtual environment
+# under the repo, the pinned CPU build of torch, and llmkit with its extras.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# The CPU build of torch that lies on this machine's disk; users bring their own (pyproject has a range).
+TORCH := torch==2.13.0
+
+.PHONY: install test test-fast lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev,data,text,bench]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/mypy src
+
+test: lint
+	$(BIN)/pytest -n 2 --durations=15
+
+# Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(BIN)/pytest -n 2 -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/python examples/metrics_wmt17.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/metrics.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info
