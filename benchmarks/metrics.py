@@ -1,0 +1,200 @@
+"""Time llmkit's metrics beside sacrebleu, rouge-score and torchmetrics, in one process.
+
+Every row scores the same work with each library (the 16 WMT17 en-de systems against the
+reference, or one batch of logits) and prints the median of several runs and the ratio
+peer time / llmkit time (above 1: llmkit is faster). Scores are checked to agree first.
+
+    python benchmarks/metrics.py               # the full table
+    python benchmarks/metrics.py --quick       # fewer systems and runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llmkit.metrics.functional import bleu_score, perplexity, rouge_score
+from llmkit.metrics.tokenizers import tokenize_bleu
+from tests.conftest import WMT17_PATH, load_wmt17
+
+
+def median_seconds(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:
+    """Median wall time of ``runs`` calls of ``fn`` (after one warm-up call) and its last result."""
+    result = fn()
+    times = []
+    for _ in range(runs):
+        gc.collect()
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def row(task: str, ours: float, peer_name: str, peer: float | None, note: str = "") -> str:
+    ratio = f"{peer / ours:7.2f}x" if peer is not None else "    n/a "
+    peer_text = f"{peer:9.3f}" if peer is not None else "      n/a"
+    return f"| {task:<34} | {ours:9.3f} | {peer_name:<28} | {peer_text} | {ratio} | {note}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per library (median reported)")
+    parser.add_argument("--slow-peer-runs", type=int, default=3, help="timed runs of torchmetrics' text metrics")
+    parser.add_argument("--systems", type=int, default=16, help="how many of the 16 WMT17 systems to score")
+    parser.add_argument("--quick", action="store_true", help="4 systems, 3 runs, 1 run of the slowest peers")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.slow_peer_runs, args.systems = 3, 1, 4
+    if not WMT17_PATH.exists():
+        sys.exit(f"WMT17 data not found at {WMT17_PATH}")
+    logging.getLogger("sacrebleu").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    from torchmetrics.functional.text import bleu_score as tm_bleu_score
+    from torchmetrics.functional.text import rouge_score as tm_rouge_score
+    from torchmetrics.functional.text import sacre_bleu_score as tm_sacre_bleu_score
+    from torchmetrics.text import Perplexity as TMPerplexity
+
+    systems, reference = load_wmt17()
+    systems = systems[: args.systems]
+    hyps_list = [hyps for _, hyps in systems]
+    ref_per_sample = [[ref] for ref in reference]
+    sentences = sum(map(len, hyps_list))
+    lines = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(systems)} WMT17 systems x "
+        f"{len(reference)} sentences = {sentences} hypotheses; median of {args.runs} runs "
+        f"({args.slow_peer_runs} for torchmetrics' text metrics). Ratio = peer time / llmkit time.",
+        "",
+        f"| {'task':<34} | {'llmkit s':>9} | {'peer':<28} | {'peer s':>9} | {'ratio':>8} | note",
+        f"|{'-' * 36}|{'-' * 11}|{'-' * 30}|{'-' * 11}|{'-' * 10}|------",
+    ]
+    print("\n".join(lines), flush=True)
+
+    # BLEU on strings, sacrebleu's default 13a tokenizer and exp smoothing.
+    ours_t, ours = median_seconds(lambda: [bleu_score(h, ref_per_sample).item() for h in hyps_list], args.runs)
+    sacre_t, sacre = median_seconds(
+        lambda: [sacrebleu.corpus_bleu(h, [reference]).score / 100 for h in hyps_list], args.runs
+    )
+    assert max(abs(a - b) for a, b in zip(ours, sacre, strict=True)) < 1e-6
+    print(row("BLEU strings (13a)", ours_t, "sacrebleu corpus_bleu", sacre_t), flush=True)
+    tm_t, tm = median_seconds(
+        lambda: [tm_sacre_bleu_score(h, ref_per_sample).item() for h in hyps_list], args.slow_peer_runs
+    )
+    tm_diff = max(abs(a - b) for a, b in zip(ours, tm, strict=True))
+    print(row("BLEU strings (13a)", ours_t, "torchmetrics SacreBLEUScore", tm_t, f"max diff {tm_diff:.1e}"), flush=True)
+
+    for tokenize in ("intl", "char"):
+        ours_t, ours = median_seconds(
+            lambda tok=tokenize: [bleu_score(h, ref_per_sample, tokenize=tok).item() for h in hyps_list], args.runs
+        )
+        sacre_t, sacre = median_seconds(
+            lambda tok=tokenize: [sacrebleu.corpus_bleu(h, [reference], tokenize=tok).score / 100 for h in hyps_list],
+            args.runs,
+        )
+        assert max(abs(a - b) for a, b in zip(ours, sacre, strict=True)) < 1e-6
+        print(row(f"BLEU strings ({tokenize})", ours_t, "sacrebleu corpus_bleu", sacre_t), flush=True)
+
+    # BLEU on token ids: the 13a words numbered; llmkit gets padded id tensors (a model's
+    # output), the peers the same ids as space-joined strings.
+    vocab: dict[str, int] = {}
+
+    def numbered(lines: list[str]) -> list[list[int]]:
+        return [[vocab.setdefault(w, len(vocab) + 1) for w in words] for words in tokenize_bleu(lines, "13a")]
+
+    def padded(rows: list[list[int]]) -> torch.Tensor:
+        width = max(map(len, rows))
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows])
+
+    ref_ids = numbered(reference)
+    target = padded(ref_ids)
+    ref_strings = [" ".join(map(str, r)) for r in ref_ids]
+    hyp_ids = [numbered(h) for h in hyps_list]
+    preds = [padded(h) for h in hyp_ids]
+    hyp_strings = [[" ".join(map(str, r)) for r in h] for h in hyp_ids]
+    ours_t, ours = median_seconds(lambda: [bleu_score(p, target, ignore_index=0).item() for p in preds], args.runs)
+    sacre_t, sacre = median_seconds(
+        lambda: [sacrebleu.corpus_bleu(h, [ref_strings], tokenize="none").score / 100 for h in hyp_strings], args.runs
+    )
+    assert max(abs(a - b) for a, b in zip(ours, sacre, strict=True)) < 1e-6
+    print(row("BLEU token ids", ours_t, "sacrebleu tokenize='none'", sacre_t), flush=True)
+    ref_id_per_sample = [[r] for r in ref_strings]
+    tm_t, _ = median_seconds(
+        lambda: [tm_bleu_score(h, ref_id_per_sample).item() for h in hyp_strings], args.slow_peer_runs
+    )
+    print(row("BLEU token ids", ours_t, "torchmetrics BLEUScore", tm_t, "no smoothing: scores differ"), flush=True)
+
+    # ROUGE-1/2/L, the per-sample mean, as rouge-score's RougeScorer gives it.
+    keys = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(keys))
+
+    ours_t, ours = median_seconds(
+        lambda: [rouge_score(h, reference, rouge_keys=keys)["rougeL_fmeasure"].item() for h in hyps_list], args.runs
+    )
+    peer_t, peer = median_seconds(
+        lambda: [
+            statistics.fmean(scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, reference, strict=True))
+            for hyps in hyps_list
+        ],
+        args.runs,
+    )
+    assert max(abs(a - b) for a, b in zip(ours, peer, strict=True)) < 1e-6
+    print(row("ROUGE-1/2/L", ours_t, "rouge-score RougeScorer", peer_t), flush=True)
+    tm_t, _ = median_seconds(
+        lambda: [tm_rouge_score(h, reference, rouge_keys=keys)["rougeL_fmeasure"].item() for h in hyps_list],
+        args.slow_peer_runs,
+    )
+    print(row("ROUGE-1/2/L", ours_t, "torchmetrics ROUGEScore", tm_t), flush=True)
+
+    lsum = rouge_scorer.RougeScorer(["rougeLsum"])
+    ours_t, ours = median_seconds(
+        lambda: [rouge_score(h, reference, rouge_keys="rougeLsum")["rougeLsum_fmeasure"].item() for h in hyps_list],
+        args.runs,
+    )
+    peer_t, peer = median_seconds(
+        lambda: [
+            statistics.fmean(lsum.score(r, h)["rougeLsum"].fmeasure for h, r in zip(hyps, reference, strict=True))
+            for hyps in hyps_list
+        ],
+        args.runs,
+    )
+    assert max(abs(a - b) for a, b in zip(ours, peer, strict=True)) < 1e-6
+    print(row("ROUGE-Lsum", ours_t, "rouge-score RougeScorer", peer_t), flush=True)
+    print(row("ROUGE-Lsum", ours_t, "torchmetrics ROUGEScore", None, "downloads nltk punkt_tab: fails offline"))
+
+    # Perplexity of one batch of logits: [16, 128, 8000] float32.
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 128, 8000, generator=generator)
+    labels = torch.randint(8000, (16, 128), generator=generator)
+    labels[:, 100:] = -100
+    ours_t, ours_ppl = median_seconds(lambda: perplexity(logits, labels, ignore_index=-100), args.runs * 2)
+    bare_t, bare_ppl = median_seconds(
+        lambda: torch.exp(torch.nn.functional.cross_entropy(logits.view(-1, 8000), labels.view(-1))), args.runs * 2
+    )
+
+    def torchmetrics_perplexity() -> torch.Tensor:
+        metric = TMPerplexity(ignore_index=-100)
+        metric.update(logits, labels)
+        return metric.compute()
+
+    tm_t, _ = median_seconds(torchmetrics_perplexity, args.runs * 2)
+    assert abs(ours_ppl.item() - bare_ppl.item()) < 1e-3 * bare_ppl.item()
+    print(row("Perplexity [16,128,8000]", ours_t, "bare F.cross_entropy + exp", bare_t,
+              f"llmkit = {ours_t / bare_t:.2f}x the bare cross-entropy"))
+    print(row("Perplexity [16,128,8000]", ours_t, "torchmetrics Perplexity", tm_t))
+
+
+if __name__ == "__main__":
+    main()

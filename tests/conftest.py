@@ -1,0 +1,28 @@
+"""Shared fixtures: the WMT17 en-de system outputs from ../shared/data."""
+
+from __future__ import annotations
+
+import bz2
+import pickle
+from pathlib import Path
+
+import pytest
+
+WMT17_PATH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wmt17_en_de_systems.pkl.bz2"
+
+
+def load_wmt17() -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Return ``(systems, reference)``: 16 ``(name, 3004 outputs)`` pairs and the 3004 references."""
+    with bz2.open(WMT17_PATH, "rb") as handle:
+        data = pickle.load(handle)
+    *systems, (name, streams) = data
+    assert name == "reference"
+    return systems, streams[0]
+
+
+@pytest.fixture(scope="session")
+def wmt17() -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """The WMT17 en-de systems and reference; skips where ../shared/data is absent."""
+    if not WMT17_PATH.exists():
+        pytest.skip(f"WMT17 data not found at {WMT17_PATH} (only CI and developers' machines have ../shared/data)")
+    return load_wmt17()

@@ -1,0 +1,38 @@
+"""Every script in examples/ runs (on a small slice of its data)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_metrics_wmt17(wmt17):
+    out = run("metrics_wmt17.py", "--limit", "60", "--batch-size", "16")
+    systems, _ = wmt17
+    assert len(re.findall(r"^\S+\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d{3}\s+\d+\.\d\d$", out, re.M)) == len(systems)
+    largest = float(re.search(r"largest difference (\S+)", out).group(1))
+    assert largest < 1e-6
+
+
+def test_every_example_has_a_test():
+    tested = set(re.findall(r'run\("([\w.]+)"', Path(__file__).read_text()))
+    assert {path.name for path in EXAMPLES.glob("*.py")} <= tested, "an example in examples/ is not run by a test"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_examples_have_a_docstring(script):
+    assert (EXAMPLES / script).read_text().lstrip().startswith('"""')
