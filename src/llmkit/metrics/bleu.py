@@ -10,6 +10,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
+from llmkit.metrics._state import add_update_config_state
 from llmkit.metrics.functional._corpus import TextTarget
 from llmkit.metrics.functional.bleu import _bleu_compute, _bleu_update, _check_bleu_args
 
@@ -83,6 +84,7 @@ class BLEUScore(Metric):
         self.add_state("totals", default=torch.zeros(n_gram, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("preds_len", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("target_len", default=torch.tensor(0), dist_reduce_fx="sum")
+        add_update_config_state(self, tokenize=tokenize, lowercase=lowercase, ignore_index=ignore_index)
 
     def update(self, preds: Sequence[str] | Tensor, target: TextTarget | Tensor) -> None:
         """Add a batch of hypotheses and their references to the corpus."""

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
+from llmkit.metrics._state import Float64Sums, add_update_config_state
 from llmkit.metrics.functional.perplexity import _perplexity_compute, _perplexity_update
 
 
-class Perplexity(Metric):
+class Perplexity(Float64Sums):
     """Perplexity ``exp(cross_entropy)`` over all tokens that are not ``ignore_index``.
 
     Each update sums the negative log-likelihood with fused ``cross_entropy`` (no softmax is
@@ -38,6 +38,7 @@ class Perplexity(Metric):
     higher_is_better = False
     full_state_update = False
     plot_lower_bound = 1.0
+    float64_states = ("nll",)
 
     nll: Tensor
     count: Tensor
@@ -49,11 +50,12 @@ class Perplexity(Metric):
         self.ignore_index = ignore_index
         self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+        add_update_config_state(self, ignore_index=ignore_index)
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch of logits ``[B, T, V]`` and targets ``[B, T]``."""
         nll, count = _perplexity_update(preds, target, self.ignore_index)
-        self.nll += nll.detach()
+        self.nll += nll.detach().to(self.nll.dtype)
         self.count += count
 
     def compute(self) -> Tensor:

@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
+from llmkit.metrics._state import Float64Sums, add_update_config_state
 from llmkit.metrics.functional._corpus import TextTarget
 from llmkit.metrics.functional.rouge import SCORE_NAMES, _check_rouge_args, _rouge_compute, _rouge_update
 
 
-class ROUGEScore(Metric):
+class ROUGEScore(Float64Sums):
     """ROUGE scores equal to the mean over samples of ``rouge_score.rouge_scorer.RougeScorer``'s.
 
     Text is tokenized as rouge-score does (lowercase, runs of ``[a-z0-9]``, optional Porter
@@ -49,6 +49,7 @@ class ROUGEScore(Metric):
     full_state_update = False
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
+    float64_states = ("score_sums",)
 
     score_sums: Tensor
     num_samples: Tensor
@@ -69,13 +70,16 @@ class ROUGEScore(Metric):
         sums = torch.zeros(len(self.rouge_keys), len(SCORE_NAMES), dtype=torch.float64)
         self.add_state("score_sums", default=sums, dist_reduce_fx="sum")
         self.add_state("num_samples", default=torch.tensor(0), dist_reduce_fx="sum")
+        add_update_config_state(
+            self, rouge_keys=self.rouge_keys, use_stemmer=use_stemmer, accumulate=accumulate, ignore_index=ignore_index
+        )
 
     def update(self, preds: Sequence[str] | Tensor, target: TextTarget | Tensor) -> None:
         """Score a batch of predictions against their references and add them to the sums."""
         sums, num_samples = _rouge_update(
             preds, target, self.rouge_keys, self.use_stemmer, self.accumulate, self.ignore_index
         )
-        self.score_sums += sums.to(self.score_sums.device)
+        self.score_sums += sums.to(self.score_sums.device, self.score_sums.dtype)
         self.num_samples += num_samples.to(self.num_samples.device)
 
     def compute(self) -> dict[str, Tensor]:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmkit.metrics._state import sum_dtype
+
 # Handed to cross_entropy when nothing is ignored: no real target equals it, and a negative
 # target (such as a forgotten -100) is then reported instead of silently skipped.
 _IGNORE_NOTHING = -(2**62)
@@ -41,16 +43,21 @@ def _perplexity_update(preds: Tensor, target: Tensor, ignore_index: int | None =
     logits = preds.reshape(-1, preds.shape[-1])
     labels = target.reshape(-1).long()
     ignore = _IGNORE_NOTHING if ignore_index is None else ignore_index
+    # Per-token losses, summed in float64: cross_entropy's own "sum" adds in the logits' dtype.
     if logits.dtype in (torch.float16, torch.bfloat16):
-        # A half-precision sum (or per-token loss) loses digits; score in float32, in chunks so
-        # that no full float32 copy of the logits is made.
+        # Half precision would round each loss; score in float32, in chunks so that no full
+        # float32 copy of the logits is made.
         rows = max(1, _UPCAST_CHUNK // max(logits.shape[1], 1))
-        nll = torch.zeros((), dtype=torch.float64, device=preds.device)
-        for start in range(0, logits.shape[0], rows):
-            chunk = logits[start : start + rows].float()
-            nll = nll + F.cross_entropy(chunk, labels[start : start + rows], ignore_index=ignore, reduction="sum")
+        losses = torch.cat(
+            [
+                F.cross_entropy(logits[start : start + rows].float(), labels[start : start + rows],
+                                ignore_index=ignore, reduction="none")
+                for start in range(0, logits.shape[0], rows)
+            ]
+        )
     else:
-        nll = F.cross_entropy(logits, labels, ignore_index=ignore, reduction="sum").double()
+        losses = F.cross_entropy(logits, labels, ignore_index=ignore, reduction="none")
+    nll = losses.sum(dtype=sum_dtype(losses.device))
     count = torch.tensor(labels.numel(), device=preds.device) if ignore_index is None else (labels != ignore).sum()
     return nll, count
 
