@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from llmkit.metrics._state import sum_dtype
 from llmkit.metrics.functional._corpus import (
     FlatCorpus,
     TextTarget,
@@ -104,7 +105,8 @@ def _bleu_compute(
     if smooth_value is None:
         smooth_value = SMOOTH_DEFAULTS[smooth_method]
     max_order = matches.numel()
-    correct, total = matches.double(), totals.double()
+    dtype = sum_dtype(matches.device)
+    correct, total = matches.to(dtype), totals.to(dtype)
     if smooth_method == "add-k":
         assert smooth_value is not None
         correct[1:] += smooth_value
@@ -124,15 +126,15 @@ def _bleu_compute(
         precision = torch.where(missed, 0.0, precision)
     precision = torch.where(reached, precision, 0.0)
     log_precision = torch.where(precision > 0, torch.log(precision.clamp(min=1e-300)), _LOG_ZERO)
-    num_orders = torch.full((), float(max_order), dtype=torch.float64, device=matches.device)
+    num_orders = torch.full((), float(max_order), dtype=dtype, device=matches.device)
     if effective_order:
         # Only the orders reached count; none reached leaves all of them (sacrebleu's rule).
-        num_reached = reached.sum().double()
+        num_reached = reached.sum().to(dtype)
         num_orders = torch.where(num_reached > 0, num_reached, num_orders)
     in_mean = torch.arange(max_order, device=matches.device) < num_orders
     score = torch.exp(torch.where(in_mean, log_precision, 0.0).sum() / num_orders)
 
-    sys_len, ref_len = preds_len.double(), target_len.double()
+    sys_len, ref_len = preds_len.to(dtype), target_len.to(dtype)
     brevity = torch.where(
         sys_len >= ref_len,
         torch.ones_like(sys_len),

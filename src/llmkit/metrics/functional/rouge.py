@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmkit.metrics._state import sum_dtype
 from llmkit.metrics.functional._corpus import (
     TextTarget,
     TokenStream,
@@ -123,8 +124,9 @@ def _id_pairs(preds: Tensor, target: Tensor, ignore_index: int | None) -> _Pairs
 
 def _scores(overlap: Tensor, pred_count: Tensor, ref_count: Tensor) -> Tensor:
     """``[P, 3]`` (fmeasure, precision, recall) in float64, computed as rouge-score does."""
-    precision = overlap.double() / pred_count.clamp(min=1).double()
-    recall = overlap.double() / ref_count.clamp(min=1).double()
+    dtype = sum_dtype(overlap.device)
+    precision = overlap.to(dtype) / pred_count.clamp(min=1).to(dtype)
+    recall = overlap.to(dtype) / ref_count.clamp(min=1).to(dtype)
     total = precision + recall
     fmeasure = torch.where(total > 0, 2 * precision * recall / total, 0.0)
     return torch.stack([fmeasure, precision, recall], dim=1)
