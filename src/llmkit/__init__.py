@@ -1,7 +1,29 @@
 """llmkit: Lightning components for people who build language models.
 
-The metrics live in :mod:`llmkit.metrics` (``BLEUScore``, ``ROUGEScore``, ``Perplexity``) and
-their functional forms in :mod:`llmkit.metrics.functional`.
+- :class:`llmkit.Seq2SeqTransformer`: the encoder-decoder of "Attention Is All You Need".
+- :mod:`llmkit.metrics`: ``BLEUScore``, ``ROUGEScore``, ``Perplexity`` (and ``.functional``).
+- :mod:`llmkit.data`: ``NumberWordsDataModule``, a translation task that needs no download.
+- :mod:`llmkit.nn`: the pure-torch building blocks.
+
+The modules load on first use, so that ``import llmkit.metrics`` stays light.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_LAZY = {"Seq2SeqTransformer": "llmkit.models"}
+
+if TYPE_CHECKING:
+    from llmkit.models import Seq2SeqTransformer
+
+__all__ = ["Seq2SeqTransformer", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llmkit' has no attribute {name!r}")

@@ -1,0 +1,379 @@
+"""Seq2SeqTransformer: the encoder-decoder of "Attention Is All You Need" as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, cast
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.data import AttributeDict
+from torch import Tensor, nn
+
+from llmkit.generation import beam_search, greedy_search
+from llmkit.metrics import BLEUScore, Perplexity, ROUGEScore
+from llmkit.nn import Decoder, DecoderState, Encoder, SinusoidalPositionalEncoding, padding_mask_to_allowed
+
+Batch = Mapping[str, Tensor] | tuple[Tensor, ...] | list[Tensor]
+
+
+def inverse_sqrt_schedule(step: int, warmup_steps: int) -> float:
+    """The paper's learning-rate shape, scaled to peak at 1: linear warm-up, then ``1/sqrt(step)``."""
+    step = max(step, 1)
+    if warmup_steps <= 0:
+        return 1.0
+    return min(step / warmup_steps, math.sqrt(warmup_steps / step))
+
+
+class Seq2SeqTransformer(L.LightningModule):
+    """The Transformer encoder-decoder (Vaswani et al., 2017), ready to train, validate and generate.
+
+    Token embeddings are scaled by ``sqrt(d_model)`` and summed with sinusoidal positional
+    encodings; the encoder and decoder stacks are post-LN as in the paper (pre-LN with
+    ``norm_first=True``); a linear layer (tied to the target embedding by default) gives the
+    logits. Training minimises label-smoothed cross-entropy over non-pad target tokens with AdamW
+    and the paper's inverse-square-root warm-up (override ``configure_optimizers`` as usual).
+
+    Batches are a mapping with ``"src"`` and ``"tgt"``, or a tuple ``(src, tgt)``: ``src`` is
+    ``[B, S]`` padded with ``pad_id``; ``tgt`` is ``[B, T]``, ``BOS ... EOS`` padded with ``pad_id``.
+
+    Args:
+        src_vocab_size: source vocabulary size.
+        tgt_vocab_size: target vocabulary size.
+        d_model: model width.
+        num_heads: attention heads; must divide ``d_model``.
+        num_encoder_layers: encoder layers.
+        num_decoder_layers: decoder layers.
+        dim_feedforward: feed-forward inner width.
+        dropout: dropout on embeddings, attention weights and sublayer outputs.
+        activation: ``"relu"`` (the paper) or ``"gelu"``.
+        norm_first: pre-LN (with a final norm) instead of the paper's post-LN.
+        max_len: the longest source, and the longest target including BOS.
+        pad_id: padding id (both vocabularies).
+        bos_id: beginning-of-sequence id.
+        eos_id: end-of-sequence id.
+        label_smoothing: label smoothing of the training loss.
+        share_embeddings: one embedding for source and target (the vocabularies must be equal).
+        tie_output: the output projection shares the target embedding's weight.
+        lr: peak learning rate, reached at the end of warm-up.
+        warmup_steps: linear warm-up steps before the ``1/sqrt(step)`` decay.
+        weight_decay: AdamW's weight decay (not applied to biases, norms and embeddings).
+        betas: AdamW's betas (the paper's 0.9, 0.98).
+        val_generate_batches: validation batches decoded greedily per epoch for ``val_bleu`` and
+            ``val_rougeL`` (0: none).
+        max_new_tokens: the default generation length (``None``: ``max_len - 1``).
+        check_inputs: check token ids and lengths on every batch (a device sync per check).
+
+    Raises:
+        ValueError: If an argument is out of range (e.g. ``d_model`` not divisible by ``num_heads``).
+
+    Example:
+        >>> import torch
+        >>> model = Seq2SeqTransformer(11, 13, d_model=16, num_heads=2, num_encoder_layers=1,
+        ...                            num_decoder_layers=1, dim_feedforward=32, max_len=20)
+        >>> src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+        >>> model(src, torch.tensor([[1, 4], [1, 5]])).shape  # logits [B, T, V]
+        torch.Size([2, 2, 13])
+        >>> model.generate(src, max_new_tokens=6).shape[0]
+        2
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        d_model: int = 512,
+        num_heads: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        norm_first: bool = False,
+        max_len: int = 256,
+        pad_id: int = 0,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        label_smoothing: float = 0.1,
+        share_embeddings: bool = False,
+        tie_output: bool = True,
+        lr: float = 5e-4,
+        warmup_steps: int = 4000,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        val_generate_batches: int = 1,
+        max_new_tokens: int | None = None,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_arguments()
+        self.src_embed = nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id)
+        self.tgt_embed = (
+            self.src_embed if share_embeddings else nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
+        )
+        self.positional = SinusoidalPositionalEncoding(d_model=d_model, max_len=max_len)
+        self.embed_dropout = nn.Dropout(dropout)
+        layer_args: dict[str, Any] = {
+            "d_model": d_model, "num_heads": num_heads, "dim_feedforward": dim_feedforward,
+            "dropout": dropout, "activation": activation, "norm_first": norm_first,
+        }
+        self.encoder = Encoder(num_layers=num_encoder_layers, **layer_args)
+        self.decoder = Decoder(num_layers=num_decoder_layers, **layer_args)
+        self.output = nn.Linear(d_model, tgt_vocab_size, bias=False)
+        self._reset_parameters()
+        if tie_output:
+            # One Parameter, not a copy: the output projection is the target embedding.
+            self.output.weight = self.tgt_embed.weight
+        self.val_ppl = Perplexity(ignore_index=pad_id)
+        self.val_bleu = BLEUScore(ignore_index=pad_id)
+        self.val_rouge = ROUGEScore(rouge_keys=("rougeL",), ignore_index=pad_id)
+        self.test_ppl = Perplexity(ignore_index=pad_id)
+        self.test_bleu = BLEUScore(ignore_index=pad_id)
+        self.test_rouge = ROUGEScore(rouge_keys=("rougeL",), ignore_index=pad_id)
+
+    @property
+    def hp(self) -> AttributeDict:
+        """The hyperparameters saved by ``save_hyperparameters()``, with attribute access."""
+        return cast(AttributeDict, self.hparams)
+
+    def _check_arguments(self) -> None:
+        hp = self.hp
+        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "dim_feedforward", "max_len"):
+            if hp[name] < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {hp[name]}")
+        if hp.d_model % hp.num_heads:
+            raise ValueError(f"`d_model` ({hp.d_model}) must be divisible by `num_heads` ({hp.num_heads})")
+        if hp.share_embeddings and hp.src_vocab_size != hp.tgt_vocab_size:
+            raise ValueError(
+                "`share_embeddings=True` needs one vocabulary, got src_vocab_size="
+                f"{hp.src_vocab_size} and tgt_vocab_size={hp.tgt_vocab_size}"
+            )
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if not 0 <= hp[name] < min(hp.src_vocab_size, hp.tgt_vocab_size):
+                raise ValueError(f"`{name}` must be a valid token id below both vocabulary sizes, got {hp[name]}")
+        if not 0.0 <= hp.label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` must be in [0, 1), got {hp.label_smoothing}")
+        if not 0.0 <= hp.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {hp.dropout}")
+
+    def _reset_parameters(self) -> None:
+        # Xavier for the projections (as torch.nn.Transformer); embeddings N(0, d^-1/2), so that
+        # after the sqrt(d) scaling they have unit variance and, tied, give unit-scale logits.
+        for name, parameter in self.named_parameters():
+            if "embed" in name:
+                nn.init.normal_(parameter, mean=0.0, std=self.hp.d_model**-0.5)
+                with torch.no_grad():
+                    parameter[self.hp.pad_id].zero_()
+            elif parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+
+    # -----------------------------------------------------------------------------------------
+    # The model
+
+    def _check_ids(self, name: str, ids: Tensor, vocab_size: int, max_len: int) -> None:
+        if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}")
+        if ids.ndim != 2:
+            raise ValueError(f"`{name}` must have shape [batch, length], got {tuple(ids.shape)}")
+        if ids.shape[1] > max_len:
+            raise ValueError(f"`{name}` has length {ids.shape[1]}, longer than max_len={max_len}")
+        if self.hp.check_inputs and ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(
+                    f"`{name}` holds token ids in [{low}, {high}], outside the vocabulary [0, {vocab_size - 1}]"
+                )
+
+    def encode(self, src: Tensor) -> Tensor:
+        """Encode ``src`` ``[B, S]`` into memory ``[B, S, D]`` (padding positions included)."""
+        self._check_ids("src", src, self.hp.src_vocab_size, self.hp.max_len)
+        x = self.embed_dropout(self.positional(self.src_embed(src) * math.sqrt(self.hp.d_model)))
+        return self.encoder(x, mask=self.memory_mask(src))
+
+    def memory_mask(self, src: Tensor) -> Tensor:
+        """``[B, 1, 1, S]`` bool: the source positions that may be attended (not padding)."""
+        return padding_mask_to_allowed(src == self.hp.pad_id)
+
+    def decode(
+        self,
+        tgt_in: Tensor,
+        memory: Tensor,
+        *,
+        memory_mask: Tensor | None = None,
+        state: DecoderState | None = None,
+    ) -> Tensor:
+        """Logits ``[B, T, V]`` of the next token at every position of ``tgt_in`` ``[B, T]``.
+
+        Args:
+            tgt_in: target tokens, BOS first (with ``state``: only the positions after the cached ones).
+            memory: the encoder output ``[B, S, D]``.
+            memory_mask: from :meth:`memory_mask`; ``None`` attends to every source position.
+            state: incremental decoding state from ``self.decoder.init_state``.
+        """
+        offset = state.length if state is not None else 0
+        x = self.positional(self.tgt_embed(tgt_in) * math.sqrt(self.hp.d_model), offset=offset)
+        hidden = self.decoder(self.embed_dropout(x), memory=memory, memory_mask=memory_mask, state=state)
+        return self.output(hidden)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: logits ``[B, T, V]`` for ``tgt_in`` ``[B, T]`` given ``src`` ``[B, S]``."""
+        self._check_ids("tgt_in", tgt_in, self.hp.tgt_vocab_size, self.hp.max_len)
+        if src.shape[0] != tgt_in.shape[0]:
+            raise ValueError(f"`src` and `tgt` batch sizes differ: {src.shape[0]} and {tgt_in.shape[0]}")
+        memory = self.encode(src)
+        return self.decode(tgt_in, memory, memory_mask=self.memory_mask(src))
+
+    # -----------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src: Tensor,
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        use_cache: bool = True,
+        min_new_tokens: int = 0,
+    ) -> Tensor:
+        """Translate ``src`` ``[B, S]``: ``[B, L]`` token ids after BOS, ending at EOS, padded with ``pad_id``.
+
+        Args:
+            src: source token ids.
+            max_new_tokens: the most tokens generated (default: ``hparams.max_new_tokens`` or ``max_len - 1``).
+            num_beams: 1 for greedy search, more for beam search.
+            length_penalty: beam search's length exponent (``score = log p / len ** length_penalty``).
+            use_cache: decode incrementally with a KV cache (same tokens, much faster).
+            min_new_tokens: forbid EOS before this many tokens.
+
+        Raises:
+            ValueError: If ``max_new_tokens`` exceeds what ``max_len`` allows, or is below 1.
+        """
+        limit = self.hp.max_len - 1
+        max_new_tokens = max_new_tokens or self.hp.max_new_tokens or limit
+        if max_new_tokens > limit:
+            raise ValueError(f"`max_new_tokens` ({max_new_tokens}) exceeds max_len - 1 = {limit}")
+        was_training = self.training
+        self.eval()
+        try:
+            memory, mask = self.encode(src), self.memory_mask(src)
+            if num_beams > 1:
+                memory = memory.repeat_interleave(num_beams, dim=0)
+                mask = mask.repeat_interleave(num_beams, dim=0)
+            state = self.decoder.init_state(memory, mask, max_len=max_new_tokens + 1) if use_cache else None
+
+            def step(tokens: Tensor) -> Tensor:
+                if state is not None:
+                    logits = self.decode(tokens[:, state.length :], memory, state=state)
+                else:
+                    logits = self.decode(tokens, memory, memory_mask=mask)
+                return F.log_softmax(logits[:, -1].float(), dim=-1)
+
+            hp = self.hp
+            common = {
+                "batch_size": src.shape[0], "bos_id": hp.bos_id, "eos_id": hp.eos_id, "pad_id": hp.pad_id,
+                "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "device": src.device,
+            }
+            if num_beams == 1:
+                return greedy_search(step, **common)
+            reorder = state.reorder if state is not None else (lambda index: None)
+            return beam_search(step, reorder=reorder, num_beams=num_beams, length_penalty=length_penalty, **common)
+        finally:
+            self.train(was_training)
+
+    # -----------------------------------------------------------------------------------------
+    # Lightning
+
+    def _unpack(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, Mapping):
+            if "src" not in batch or "tgt" not in batch:
+                raise ValueError(f"a batch mapping needs keys 'src' and 'tgt', got {sorted(batch)}")
+            return batch["src"], batch["tgt"]
+        if isinstance(batch, tuple | list) and len(batch) >= 2 and all(isinstance(t, Tensor) for t in batch[:2]):
+            return batch[0], batch[1]
+        raise ValueError(
+            "a batch must be a mapping with 'src' and 'tgt' or a tuple (src, tgt) of tensors, "
+            f"got {type(batch).__name__}"
+        )
+
+    def _loss(self, logits: Tensor, tgt_out: Tensor) -> Tensor:
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), tgt_out.reshape(-1),
+            ignore_index=self.hp.pad_id, label_smoothing=self.hp.label_smoothing,
+        )
+
+    def _shared_step(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        src, tgt = self._unpack(batch)
+        if tgt.ndim != 2 or tgt.shape[1] < 2:
+            raise ValueError(f"`tgt` must have shape [batch, length >= 2] (BOS ... EOS), got {tuple(tgt.shape)}")
+        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+        logits = self(src, tgt_in)
+        return src, tgt_out, logits, self._loss(logits, tgt_out)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """Label-smoothed cross-entropy of the next target token; logs ``train_loss``."""
+        src, _, _, loss = self._shared_step(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=src.shape[0])
+        return loss
+
+    def _without_eos(self, ids: Tensor) -> Tensor:
+        return ids.masked_fill(ids == self.hp.eos_id, self.hp.pad_id)
+
+    def _evaluate(self, batch: Batch, batch_idx: int, stage: str, generate_batches: int | None) -> None:
+        src, tgt_out, logits, loss = self._shared_step(batch)
+        ppl, bleu, rouge = (getattr(self, f"{stage}_{name}") for name in ("ppl", "bleu", "rouge"))
+        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True, batch_size=src.shape[0])
+        ppl.update(logits, tgt_out)
+        self.log(f"{stage}_ppl", ppl, batch_size=src.shape[0])
+        if generate_batches is None or batch_idx < generate_batches:
+            generated = self.generate(src, max_new_tokens=min(tgt_out.shape[1] + 10, self.hp.max_len - 1))
+            bleu.update(self._without_eos(generated), self._without_eos(tgt_out))
+            rouge.update(self._without_eos(generated), self._without_eos(tgt_out))
+            self.log(f"{stage}_bleu", bleu, prog_bar=True, batch_size=src.shape[0])
+
+    def _log_rouge(self, stage: str) -> None:
+        rouge: ROUGEScore = getattr(self, f"{stage}_rouge")
+        if rouge.update_called:
+            self.log(f"{stage}_rougeL", rouge.compute()["rougeL_fmeasure"])
+            rouge.reset()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Logs ``val_loss``, ``val_ppl`` and, on the first ``val_generate_batches``, ``val_bleu``/``val_rougeL``."""
+        self._evaluate(batch, batch_idx, "val", self.hp.val_generate_batches)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_rougeL`` of the decoded batches."""
+        self._log_rouge("val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Logs ``test_loss``, ``test_ppl``, ``test_bleu`` and ``test_rougeL`` over every test batch."""
+        self._evaluate(batch, batch_idx, "test", None)
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test_rougeL``."""
+        self._log_rouge("test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """Greedy translations ``[B, L]`` of the batch's sources (a batch may also be a bare ``src``)."""
+        src = batch if isinstance(batch, Tensor) else self._unpack(batch)[0]
+        return self.generate(src)
+
+    def configure_optimizers(self) -> Any:
+        """AdamW (no decay on biases, norms, embeddings) with warm-up and inverse-square-root decay."""
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            (decay if parameter.dim() > 1 and "embed" not in name else no_decay).append(parameter)
+        groups = [
+            {"params": decay, "weight_decay": self.hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hp.lr, betas=tuple(self.hp.betas))
+        warmup = self.hp.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: inverse_sqrt_schedule(step + 1, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,293 @@
+"""Encoder and decoder of "Attention Is All You Need" (Vaswani et al., 2017), post-LN or pre-LN.
+
+Post-LN (the paper, ``norm_first=False``): ``x = norm(x + dropout(sublayer(x)))``.
+Pre-LN (``norm_first=True``): ``x = x + dropout(sublayer(norm(x)))``, with a final norm after
+the stack. Parameter names follow ``torch.nn.Transformer``'s where they mean the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import cast
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmkit.nn.attention import KVCache, MultiHeadAttention
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
+
+
+def _activation(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"`activation` must be one of {tuple(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network: ``linear2(dropout(activation(linear1(x))))``.
+
+    Args:
+        d_model: model width.
+        dim_feedforward: inner width.
+        dropout: dropout after the activation.
+        activation: ``"relu"`` (the paper) or ``"gelu"``.
+    """
+
+    def __init__(self, *, d_model: int, dim_feedforward: int, dropout: float, activation: str = "relu") -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.activation = _activation(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, T, D] -> [B, T, D]``."""
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each with a residual connection and layer norm.
+
+    Args:
+        d_model: model width.
+        num_heads: attention heads.
+        dim_feedforward: inner width of the feed-forward network.
+        dropout: dropout on attention weights and on each sublayer's output.
+        activation: ``"relu"`` or ``"gelu"``.
+        norm_first: pre-LN instead of the paper's post-LN.
+        layer_norm_eps: layer norms' epsilon.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(embed_dim=d_model, num_heads=num_heads, dropout=dropout)
+        self.feed_forward = FeedForward(
+            d_model=d_model, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation
+        )
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """``x``: ``[B, S, D]``; ``mask``: bool ``[B, 1, 1, S]``, True where allowed."""
+        if self.norm_first:
+            x = x + self.dropout1(self.self_attn(self.norm1(x), mask=mask))
+            return x + self.dropout2(self.feed_forward(self.norm2(x)))
+        x = self.norm1(x + self.dropout1(self.self_attn(x, mask=mask)))
+        return self.norm2(x + self.dropout2(self.feed_forward(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, cross-attention over the encoder output, then feed-forward.
+
+    In cross-attention the decoder supplies the queries and the encoder output the keys and
+    values. Arguments as :class:`EncoderLayer`.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(embed_dim=d_model, num_heads=num_heads, dropout=dropout)
+        self.cross_attn = MultiHeadAttention(embed_dim=d_model, num_heads=num_heads, dropout=dropout, cross=True)
+        self.feed_forward = FeedForward(
+            d_model=d_model, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation
+        )
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        memory_kv: tuple[Tensor, Tensor],
+        memory_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Decode.
+
+        Args:
+            x: ``[B, T, D]`` target positions (the next ones after ``cache``, if given).
+            memory_kv: this layer's projected encoder output (``cross_attn.memory_kv(memory)``).
+            memory_mask: bool ``[B, 1, 1, S]``, True where a source position may be attended.
+            cache: the self-attention keys and values of earlier positions.
+        """
+        if self.norm_first:
+            x = x + self.dropout1(self.self_attn(self.norm1(x), is_causal=True, cache=cache))
+            x = x + self.dropout2(self.cross_attn(self.norm2(x), memory_kv=memory_kv, mask=memory_mask))
+            return x + self.dropout3(self.feed_forward(self.norm3(x)))
+        x = self.norm1(x + self.dropout1(self.self_attn(x, is_causal=True, cache=cache)))
+        x = self.norm2(x + self.dropout2(self.cross_attn(x, memory_kv=memory_kv, mask=memory_mask)))
+        return self.norm3(x + self.dropout3(self.feed_forward(x)))
+
+
+class Encoder(nn.Module):
+    """A stack of :class:`EncoderLayer` (with a final layer norm when pre-LN).
+
+    Args:
+        num_layers: how many layers; the other arguments are each layer's (:class:`EncoderLayer`).
+
+    Example:
+        >>> import torch
+        >>> encoder = Encoder(num_layers=2, d_model=8, num_heads=2, dim_feedforward=16, dropout=0.0)
+        >>> encoder(torch.randn(3, 5, 8)).shape
+        torch.Size([3, 5, 8])
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderLayer(
+                d_model=d_model, num_heads=num_heads, dim_feedforward=dim_feedforward, dropout=dropout,
+                activation=activation, norm_first=norm_first, layer_norm_eps=layer_norm_eps,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if norm_first else None
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """``[B, S, D] -> [B, S, D]``; ``mask`` bool ``[B, 1, 1, S]``, True where allowed."""
+        for layer in self.layers:
+            x = layer(x, mask=mask)
+        return self.norm(x) if self.norm is not None else x
+
+
+class DecoderState:
+    """What incremental decoding keeps between steps.
+
+    Per layer the self-attention KV cache and the projected encoder output, and the source mask.
+
+    Args:
+        caches: one :class:`KVCache` per decoder layer.
+        memory_kv: per layer, the encoder output's keys and values.
+        memory_mask: bool ``[B, 1, 1, S]``.
+    """
+
+    def __init__(self, caches: list[KVCache], memory_kv: list[tuple[Tensor, Tensor]], memory_mask: Tensor | None):
+        self.caches, self.memory_kv, self.memory_mask = caches, memory_kv, memory_mask
+
+    @property
+    def length(self) -> int:
+        """How many positions have been decoded."""
+        return self.caches[0].length if self.caches else 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` of every cache (beam search).
+
+        The encoder side is the same for every beam of one source, so it needs no reordering
+        as long as ``index`` keeps each row within its source's beams.
+        """
+        for cache in self.caches:
+            cache.reorder(index)
+
+
+class Decoder(nn.Module):
+    """A stack of :class:`DecoderLayer` (with a final layer norm when pre-LN).
+
+    Args:
+        num_layers: how many layers; the other arguments are each layer's (:class:`DecoderLayer`).
+
+    Example:
+        >>> import torch
+        >>> decoder = Decoder(num_layers=2, d_model=8, num_heads=2, dim_feedforward=16, dropout=0.0)
+        >>> decoder(torch.randn(3, 4, 8), memory=torch.randn(3, 6, 8)).shape
+        torch.Size([3, 4, 8])
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                d_model=d_model, num_heads=num_heads, dim_feedforward=dim_feedforward, dropout=dropout,
+                activation=activation, norm_first=norm_first, layer_norm_eps=layer_norm_eps,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if norm_first else None
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+
+    def _layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, layer) for layer in self.layers]
+
+    def memory_kv(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's keys and values of the encoder output, computed once per source."""
+        return [layer.cross_attn.memory_kv(memory) for layer in self._layers()]
+
+    def init_state(self, memory: Tensor, memory_mask: Tensor | None, *, max_len: int) -> DecoderState:
+        """Start incremental decoding of up to ``max_len`` positions over ``memory`` ``[B, S, D]``."""
+        caches = [
+            KVCache(
+                batch_size=memory.shape[0], num_heads=self.num_heads, head_dim=self.head_dim,
+                max_len=max_len, dtype=memory.dtype, device=memory.device,
+            )
+            for _ in self.layers
+        ]
+        return DecoderState(caches, self.memory_kv(memory), memory_mask)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        state: DecoderState | None = None,
+    ) -> Tensor:
+        """Decode ``x`` (``[B, T, D]``) over ``memory`` (``[B, S, D]``), or incrementally with ``state``."""
+        caches: list[KVCache | None]
+        if state is not None:
+            memory_kv, memory_mask, caches = state.memory_kv, state.memory_mask, list(state.caches)
+        else:
+            if memory is None:
+                raise ValueError("the decoder needs `memory` or a `state`")
+            memory_kv, caches = self.memory_kv(memory), [None] * len(self.layers)
+        for layer, kv, cache in zip(self._layers(), memory_kv, caches, strict=True):
+            x = layer(x, memory_kv=kv, memory_mask=memory_mask, cache=cache)
+        return self.norm(x) if self.norm is not None else x
