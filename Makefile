@@ -28,11 +28,13 @@ test: lint
 test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 -m "not slow"
 
+# The library's main job: train the English->French number translator on CPU, then score it.
 demo: $(STAMP)
-	$(BIN)/python examples/metrics_wmt17.py
+	$(BIN)/python examples/translate_numbers.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/seq2seq.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

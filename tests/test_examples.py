@@ -28,6 +28,19 @@ def test_metrics_wmt17(wmt17):
     assert largest < 1e-6
 
 
+def test_translate_numbers(tmp_path):
+    out = run(
+        "translate_numbers.py", "--high", "600", "--val-size", "64", "--test-size", "64", "--max-steps", "8",
+        "--d-model", "32", "--layers", "1", "--output", str(tmp_path),
+    )
+    scores = re.search(r"test BLEU (\S+)  ROUGE-L (\S+)  perplexity (\S+)", out)
+    assert scores is not None, out
+    bleu, rouge, ppl = map(float, scores.groups())
+    assert 0.0 <= bleu <= 1.0 and 0.0 <= rouge <= 1.0 and ppl > 1.0
+    assert len(re.findall(r"^   -> ", out, re.M)) == 6
+    assert (tmp_path / "translator.ckpt").exists()
+
+
 def test_every_example_has_a_test():
     tested = set(re.findall(r'run\("([\w.]+)"', Path(__file__).read_text()))
     assert {path.name for path in EXAMPLES.glob("*.py")} <= tested, "an example in examples/ is not run by a test"

@@ -1,0 +1,51 @@
+"""The ``llmkit`` command: LightningCLI over llmkit's modules and data modules.
+
+    llmkit fit --config examples/configs/translate.yaml
+    llmkit test --config examples/configs/translate.yaml --ckpt_path outputs/translate/last.ckpt
+
+The model and the data module are chosen by ``class_path`` (LightningCLI's subclass mode), so
+any LightningModule and LightningDataModule can be named. The data module's vocabulary sizes
+are handed to the model (``data.src_vocab_size`` -> ``model.init_args.src_vocab_size``, and the
+target side likewise), so a config need not repeat them.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+
+class LLMKitCLI(LightningCLI):
+    """LightningCLI that hands the data module's vocabulary sizes to the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link the vocabulary sizes, known once the data module is built, to the model."""
+        for name in ("src_vocab_size", "tgt_vocab_size"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+
+def cli(args: list[str] | None = None, run: bool = True) -> LLMKitCLI:
+    """Build (and by default run) the ``llmkit`` command.
+
+    Args:
+        args: the command line after ``llmkit`` (``None``: ``sys.argv``).
+        run: run the subcommand; ``False`` only builds the model, data and trainer.
+    """
+    return LLMKitCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def main() -> None:
+    """The ``llmkit`` console script."""
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
