@@ -145,7 +145,7 @@ def test_positional_encoding_closed_form():
 
 
 def test_cache_overflow_and_bad_heads():
-    cache = KVCache(batch_size=1, num_heads=1, head_dim=2, max_len=2, dtype=torch.float32, device=torch.device("cpu"))
+    cache = KVCache(max_len=2)
     cache.append(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
     with pytest.raises(ValueError, match="holds 2 positions, 3 were written"):
         cache.append(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))

@@ -35,30 +35,29 @@ def padding_mask_to_allowed(padding: Tensor) -> Tensor:
 class KVCache:
     """Keys and values of the positions decoded so far, for one self-attention layer.
 
-    Buffers are allocated once for ``max_len`` positions; :meth:`append` writes the new
-    position in place and returns views of everything so far.
+    The buffers for ``max_len`` positions are allocated at the first :meth:`append`, in the
+    dtype and on the device of what is appended (under autocast, the dtype the projections
+    produce), and each later append writes in place.
 
     Args:
-        batch_size: rows decoded together (beams included).
-        num_heads: attention heads.
-        head_dim: channels per head.
         max_len: the most positions the cache will hold.
-        dtype: buffer dtype.
-        device: buffer device.
     """
 
-    def __init__(
-        self, *, batch_size: int, num_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        self.keys = torch.empty(batch_size, num_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.values = torch.empty_like(self.keys)
+    def __init__(self, *, max_len: int) -> None:
+        self.max_len = max_len
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
         self.length = 0
 
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``[B, H, t, Dh]`` keys and values; return all cached so far, ``[B, H, length, Dh]``."""
         end = self.length + keys.shape[2]
-        if end > self.keys.shape[2]:
-            raise ValueError(f"the KV cache holds {self.keys.shape[2]} positions, {end} were written")
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions, {end} were written")
+        if self.keys is None or self.values is None:
+            batch, heads, _, head_dim = keys.shape
+            self.keys = keys.new_empty(batch, heads, self.max_len, head_dim)
+            self.values = values.new_empty(batch, heads, self.max_len, head_dim)
         self.keys[:, :, self.length : end] = keys
         self.values[:, :, self.length : end] = values
         self.length = end
@@ -66,8 +65,9 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index`` (``[B]``), e.g. the beams that survive a beam-search step."""
-        self.keys = self.keys.index_select(0, index)
-        self.values = self.values.index_select(0, index)
+        if self.keys is not None and self.values is not None:
+            self.keys = self.keys.index_select(0, index)
+            self.values = self.values.index_select(0, index)
 
 
 class MultiHeadAttention(nn.Module):

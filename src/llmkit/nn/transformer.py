@@ -252,7 +252,6 @@ class Decoder(nn.Module):
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if norm_first else None
-        self.num_heads, self.head_dim = num_heads, d_model // num_heads
 
     def _layers(self) -> list[DecoderLayer]:
         return [cast(DecoderLayer, layer) for layer in self.layers]
@@ -263,13 +262,7 @@ class Decoder(nn.Module):
 
     def init_state(self, memory: Tensor, memory_mask: Tensor | None, *, max_len: int) -> DecoderState:
         """Start incremental decoding of up to ``max_len`` positions over ``memory`` ``[B, S, D]``."""
-        caches = [
-            KVCache(
-                batch_size=memory.shape[0], num_heads=self.num_heads, head_dim=self.head_dim,
-                max_len=max_len, dtype=memory.dtype, device=memory.device,
-            )
-            for _ in self.layers
-        ]
+        caches = [KVCache(max_len=max_len) for _ in self.layers]
         return DecoderState(caches, self.memory_kv(memory), memory_mask)
 
     def forward(
