@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import bz2
+import os
 import pickle
 from pathlib import Path
 
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on two cores: two workers of two threads each oversubscribe the CPUs, which
+    # makes torch's small ops several times slower. One thread per worker.
+    torch.set_num_threads(1)
 
 WMT17_PATH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wmt17_en_de_systems.pkl.bz2"
 

@@ -42,7 +42,7 @@ def test_translate_numbers(tmp_path):
 
 
 def test_every_example_has_a_test():
-    tested = set(re.findall(r'run\("([\w.]+)"', Path(__file__).read_text()))
+    tested = set(re.findall(r'run\(\s*"([\w.]+)"', Path(__file__).read_text()))
     assert {path.name for path in EXAMPLES.glob("*.py")} <= tested, "an example in examples/ is not run by a test"
 
 

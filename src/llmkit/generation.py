@@ -178,7 +178,8 @@ def beam_search(
         top_token = top_index % vocab
         scores_list, beams_list, tokens_list = top_scores.tolist(), top_beam.tolist(), top_token.tolist()
 
-        next_scores = [[0.0] * num_beams for _ in range(batch_size)]
+        # Beams left without a finite continuation stay dead (-inf) instead of winning with 0.
+        next_scores = [[-float("inf")] * num_beams for _ in range(batch_size)]
         next_tokens = [[pad_id] * num_beams for _ in range(batch_size)]
         next_rows = [[b * num_beams + k for k in range(num_beams)] for b in range(batch_size)]
         history = tokens[:, 1:].tolist()
@@ -215,7 +216,8 @@ def beam_search(
         if not done[b]:
             length = tokens.shape[1] - 1
             for k in range(num_beams):
-                finished[b].add(final_scores[b][k] / length**length_penalty, history[b * num_beams + k])
+                if final_scores[b][k] > -float("inf"):
+                    finished[b].add(final_scores[b][k] / length**length_penalty, history[b * num_beams + k])
         best.append(finished[b].hypotheses[0][1] if finished[b].hypotheses else [])
     width = max((len(hypothesis) for hypothesis in best), default=0)
     out = torch.full((batch_size, width), pad_id, dtype=torch.long, device=device)

@@ -158,6 +158,10 @@ class Seq2SeqTransformer(L.LightningModule):
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {hp.label_smoothing}")
         if not 0.0 <= hp.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {hp.dropout}")
+        if hp.max_new_tokens is not None and not 1 <= hp.max_new_tokens <= hp.max_len - 1:
+            raise ValueError(
+                f"`max_new_tokens` must be in [1, max_len - 1 = {hp.max_len - 1}], got {hp.max_new_tokens}"
+            )
 
     def _reset_parameters(self) -> None:
         # Xavier for the projections (as torch.nn.Transformer); embeddings N(0, d^-1/2), so that
@@ -190,6 +194,9 @@ class Seq2SeqTransformer(L.LightningModule):
     def encode(self, src: Tensor) -> Tensor:
         """Encode ``src`` ``[B, S]`` into memory ``[B, S, D]`` (padding positions included)."""
         self._check_ids("src", src, self.hp.src_vocab_size, self.hp.max_len)
+        return self._encode(src)
+
+    def _encode(self, src: Tensor) -> Tensor:
         x = self.embed_dropout(self.positional(self.src_embed(src) * math.sqrt(self.hp.d_model)))
         return self.encoder(x, mask=self.memory_mask(src))
 
@@ -220,10 +227,11 @@ class Seq2SeqTransformer(L.LightningModule):
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: logits ``[B, T, V]`` for ``tgt_in`` ``[B, T]`` given ``src`` ``[B, S]``."""
+        self._check_ids("src", src, self.hp.src_vocab_size, self.hp.max_len)
         self._check_ids("tgt_in", tgt_in, self.hp.tgt_vocab_size, self.hp.max_len)
         if src.shape[0] != tgt_in.shape[0]:
             raise ValueError(f"`src` and `tgt` batch sizes differ: {src.shape[0]} and {tgt_in.shape[0]}")
-        memory = self.encode(src)
+        memory = self._encode(src)
         return self.decode(tgt_in, memory, memory_mask=self.memory_mask(src))
 
     # -----------------------------------------------------------------------------------------
@@ -241,6 +249,8 @@ class Seq2SeqTransformer(L.LightningModule):
     ) -> Tensor:
         """Translate ``src`` ``[B, S]``: ``[B, L]`` token ids after BOS, ending at EOS, padded with ``pad_id``.
 
+        Padding and BOS are never generated.
+
         Args:
             src: source token ids.
             max_new_tokens: the most tokens generated (default: ``hparams.max_new_tokens`` or ``max_len - 1``).
@@ -253,7 +263,8 @@ class Seq2SeqTransformer(L.LightningModule):
             ValueError: If ``max_new_tokens`` exceeds what ``max_len`` allows, or is below 1.
         """
         limit = self.hp.max_len - 1
-        max_new_tokens = max_new_tokens or self.hp.max_new_tokens or limit
+        if max_new_tokens is None:
+            max_new_tokens = self.hp.max_new_tokens if self.hp.max_new_tokens is not None else limit
         if max_new_tokens > limit:
             raise ValueError(f"`max_new_tokens` ({max_new_tokens}) exceeds max_len - 1 = {limit}")
         was_training = self.training
@@ -264,13 +275,18 @@ class Seq2SeqTransformer(L.LightningModule):
                 memory = memory.repeat_interleave(num_beams, dim=0)
                 mask = mask.repeat_interleave(num_beams, dim=0)
             state = self.decoder.init_state(memory, mask, max_len=max_new_tokens + 1) if use_cache else None
+            never = torch.tensor(
+                sorted({self.hp.pad_id, self.hp.bos_id} - {self.hp.eos_id}), dtype=torch.long, device=src.device
+            )
 
             def step(tokens: Tensor) -> Tensor:
                 if state is not None:
                     logits = self.decode(tokens[:, state.length :], memory, state=state)
                 else:
                     logits = self.decode(tokens, memory, memory_mask=mask)
-                return F.log_softmax(logits[:, -1].float(), dim=-1)
+                log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
+                # Padding and BOS are never generated (BOS only starts a sequence).
+                return log_probs.index_fill(1, never, -torch.inf)
 
             hp = self.hp
             common = {
@@ -309,6 +325,8 @@ class Seq2SeqTransformer(L.LightningModule):
         src, tgt = self._unpack(batch)
         if tgt.ndim != 2 or tgt.shape[1] < 2:
             raise ValueError(f"`tgt` must have shape [batch, length >= 2] (BOS ... EOS), got {tuple(tgt.shape)}")
+        # forward checks tgt[:, :-1]; the last column is only ever a label.
+        self._check_ids("tgt", tgt[:, -1:], self.hp.tgt_vocab_size, self.hp.max_len)
         tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
         logits = self(src, tgt_in)
         return src, tgt_out, logits, self._loss(logits, tgt_out)

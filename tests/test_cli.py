@@ -1,0 +1,153 @@
+"""The ``llmkit`` command: fit, validate, test and predict from examples/configs/translate.yaml."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkit import Seq2SeqTransformer
+from llmkit.cli import cli
+from llmkit.data import NumberWordsDataModule
+
+CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "translate.yaml"
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+    # Tiny runs: Lightning notes that the loaders have few batches and workers.
+    pytest.mark.filterwarnings("ignore:The number of training batches"),
+    pytest.mark.filterwarnings("ignore:The '\\w+_dataloader' does not have many workers"),
+    # No tensorboard here: the config's default logger is a CSVLogger.
+    pytest.mark.filterwarnings("ignore:Starting from v1.9.0, `tensorboardX` has been removed"),
+    # validate/test/predict write to another folder than fit did.
+    pytest.mark.filterwarnings("ignore:The dirpath has changed from"),
+    # Lightning's LightningCLI still calls jsonargparse APIs that jsonargparse 4.49 deprecated.
+    pytest.mark.filterwarnings("ignore::jsonargparse._deprecated.JsonargparseDeprecationWarning"),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and under ``pytest -n 2`` on two cores they
+    oversubscribe the CPUs (several times slower); use one thread here and restore the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(args: list[str]):
+    """``cli(args)``, with pytest's own arguments out of ``sys.argv`` (LightningCLI warns about both)."""
+    with mock.patch.object(sys, "argv", ["llmkit"]):
+        return cli(args)
+
+
+def small(tmp_path: Path) -> list[str]:
+    """Overrides that make the config's run tiny."""
+    return [
+        "--config", str(CONFIG),
+        "--data.init_args.high", "200", "--data.init_args.val_size", "20", "--data.init_args.test_size", "20",
+        "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        "--model.init_args.d_model", "16", "--model.init_args.dim_feedforward", "32",
+        "--model.init_args.num_encoder_layers", "1", "--model.init_args.num_decoder_layers", "1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory):
+    """``llmkit fit`` for 3 steps; returns the CLI object, the output folder and the last checkpoint."""
+    root = tmp_path_factory.mktemp("cli")
+    run = run_cli(["fit", *small(root), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"])
+    checkpoints = sorted(root.rglob("last.ckpt"))
+    assert len(checkpoints) == 1, sorted(root.rglob("*"))
+    return run, root, checkpoints[0]
+
+
+def test_fit_links_vocabulary_sizes_and_saves_a_checkpoint(fitted):
+    run, _, last = fitted
+    model, data = run.model, run.datamodule
+    assert isinstance(model, Seq2SeqTransformer) and isinstance(data, NumberWordsDataModule)
+    # The link: the model got the data module's vocabulary sizes.
+    assert model.hparams.src_vocab_size == data.src_vocab_size
+    assert model.hparams.tgt_vocab_size == data.tgt_vocab_size
+    assert model.src_embed.num_embeddings == data.src_vocab_size
+    assert model.output.out_features == data.tgt_vocab_size
+    # The config and the overrides.
+    assert model.hparams.d_model == 16 and model.hparams.num_heads == 4 and model.hparams.max_len == 24
+    assert data.hparams.high == 200 and data.hparams.src_lang == "en" and data.hparams.tgt_lang == "fr"
+    assert run.trainer.global_step == 3
+    assert "val_loss" in run.trainer.callback_metrics
+    # The checkpoint holds the fitted weights and the linked sizes.
+    loaded = Seq2SeqTransformer.load_from_checkpoint(last)
+    assert loaded.hparams.tgt_vocab_size == data.tgt_vocab_size
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@torch.no_grad()
+def first_val_batch_loss(model: Seq2SeqTransformer, data: NumberWordsDataModule) -> float:
+    """The label-smoothed loss of the first validation batch (limit_val_batches=1), by hand."""
+    model.eval()
+    batch = next(iter(data.val_dataloader()))
+    logits = model(batch["src"], batch["tgt"][:, :-1])
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["tgt"][:, 1:].reshape(-1),
+                                 ignore_index=data.pad_id, label_smoothing=model.hparams.label_smoothing))
+
+
+def test_validate_from_checkpoint(fitted, tmp_path):
+    _, _, last = fitted
+    run = run_cli(["validate", *small(tmp_path), "--ckpt_path", str(last)])
+    loaded = Seq2SeqTransformer.load_from_checkpoint(last)
+    logged = float(run.trainer.callback_metrics["val_loss"])
+    assert math.isclose(logged, first_val_batch_loss(loaded, run.datamodule), rel_tol=1e-5)
+    assert {"val_ppl", "val_bleu", "val_rougeL"} <= set(run.trainer.callback_metrics)
+
+
+def test_test_from_checkpoint(fitted, tmp_path):
+    _, _, last = fitted
+    run = run_cli(["test", *small(tmp_path), "--ckpt_path", str(last)])
+    assert {"test_loss", "test_ppl", "test_bleu", "test_rougeL"} <= set(run.trainer.callback_metrics)
+    # The checkpoint's weights were restored into the model before testing.
+    loaded = Seq2SeqTransformer.load_from_checkpoint(last)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(run.model.state_dict()[name], tensor), name
+
+
+def test_predict_from_checkpoint(fitted, tmp_path):
+    _, _, last = fitted
+    run = run_cli(["predict", *small(tmp_path), "--ckpt_path", str(last)])
+    loaded = Seq2SeqTransformer.load_from_checkpoint(last)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(run.model.state_dict()[name], tensor), name
+    # What predict_step returns for the first batch of the predict split: the loaded model's translation.
+    batch = next(iter(run.datamodule.predict_dataloader()))
+    assert torch.equal(run.model.predict_step(batch, 0), loaded.generate(batch["src"]))
+
+
+def test_bad_subcommand_argument_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["fit", *small(tmp_path), "--model.init_args.no_such_argument", "3"])
+    assert "no_such_argument" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    assert any(entry.name == "llmkit" and entry.value == "llmkit.cli:main" for entry in scripts.select(name="llmkit"))
+    assert shutil.which("llmkit", path=str(Path(sys.executable).parent)) is not None
+
+
+def test_help_runs_as_a_subprocess():
+    result = subprocess.run([sys.executable, "-m", "llmkit.cli", "--help"], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert subcommand in result.stdout
