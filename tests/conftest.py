@@ -5,10 +5,13 @@ from __future__ import annotations
 import bz2
 import os
 import pickle
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n 2` on two cores: two workers of two threads each oversubscribe the CPUs, which
@@ -33,3 +36,23 @@ def wmt17() -> tuple[list[tuple[str, list[str]]], list[str]]:
     if not WMT17_PATH.exists():
         pytest.skip(f"WMT17 data not found at {WMT17_PATH} (only CI and developers' machines have ../shared/data)")
     return load_wmt17()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def ddp_spawn(monkeypatch: pytest.MonkeyPatch) -> DDPStrategy:
+    """A two-process-ready ``DDPStrategy`` (spawn, gloo on CPU) on a free local port.
+
+    Collectives fail (instead of hanging) after a minute; each process uses one thread.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))

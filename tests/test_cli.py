@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit import Seq2SeqTransformer
+from llmkit import VAE, Seq2SeqTransformer
 from llmkit.cli import cli
-from llmkit.data import NumberWordsDataModule
+from llmkit.data import DigitsDataModule, NumberWordsDataModule
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "translate.yaml"
 
@@ -151,3 +151,24 @@ def test_help_runs_as_a_subprocess():
     assert result.returncode == 0, result.stderr
     for subcommand in ("fit", "validate", "test", "predict"):
         assert subcommand in result.stdout
+
+
+VAE_CONFIG = CONFIG.parent / "vae_digits.yaml"
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_vae_config_fits_and_tests_with_the_data_modules_input_shape(tmp_path, flatten):
+    architecture = "mlp" if flatten else "conv"
+    args = [
+        "--config", str(VAE_CONFIG), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+        "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false", "--data.init_args.flatten", str(flatten).lower(),
+        "--model.init_args.architecture", architecture, "--model.init_args.hidden_dims", "[8, 16]",
+        "--model.init_args.test_nll_samples", "5",
+    ]
+    run = run_cli(["fit", *args])
+    assert isinstance(run.model, VAE) and isinstance(run.datamodule, DigitsDataModule)
+    assert tuple(run.model.hparams.input_shape) == run.datamodule.input_shape == ((64,) if flatten else (1, 8, 8))
+    (last,) = sorted(tmp_path.rglob("last.ckpt"))
+    tested = run_cli(["test", *args, "--ckpt_path", str(last)])
+    assert "test_nll" in tested.trainer.callback_metrics

@@ -41,6 +41,22 @@ def test_translate_numbers(tmp_path):
     assert (tmp_path / "translator.ckpt").exists()
 
 
+def test_vae_digits(tmp_path):
+    out = run(
+        "vae_digits.py", "--epochs", "2", "--hidden-dims", "32", "--latent-dim", "4", "--nll-samples", "20",
+        "--output", str(tmp_path),
+    )
+    scores = re.search(r"test NLL (\S+) nats .* ELBO (\S+)  active latents (\d+) of 4", out)
+    assert scores is not None, out
+    nll, elbo, active = float(scores.group(1)), float(scores.group(2)), int(scores.group(3))
+    assert 0 < nll < -elbo and 0 <= active <= 4  # the importance-weighted bound is the tighter one
+    assert re.search(r"mean squared error \S+ noisy -> \S+ denoised", out)
+    pictures = {"samples.png", "reconstructions.png", "denoising.png", "interpolation.png"}
+    assert {path.name for path in tmp_path.glob("*.png")} == pictures
+    assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pictures)
+    assert (tmp_path / "vae.ckpt").exists()
+
+
 def test_every_example_has_a_test():
     tested = set(re.findall(r'run\(\s*"([\w.]+)"', Path(__file__).read_text()))
     assert {path.name for path in EXAMPLES.glob("*.py")} <= tested, "an example in examples/ is not run by a test"

@@ -1,8 +1,10 @@
 """llmkit: Lightning components for people who build language models.
 
 - :class:`llmkit.Seq2SeqTransformer`: the encoder-decoder of "Attention Is All You Need".
+- :class:`llmkit.VAE`: a variational autoencoder that generates, denoises and estimates ``log p(x)``.
 - :mod:`llmkit.metrics`: ``BLEUScore``, ``ROUGEScore``, ``Perplexity`` (and ``.functional``).
-- :mod:`llmkit.data`: ``NumberWordsDataModule``, a translation task that needs no download.
+- :mod:`llmkit.data`: ``NumberWordsDataModule`` (translation) and ``DigitsDataModule`` (8x8 images),
+  embedded tasks that need no download.
 - :mod:`llmkit.nn`: the pure-torch building blocks.
 
 The modules load on first use, so that ``import llmkit.metrics`` stays light.
@@ -15,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_LAZY = {"Seq2SeqTransformer": "llmkit.models"}
+_LAZY = {"Seq2SeqTransformer": "llmkit.models", "VAE": "llmkit.models"}
 
 if TYPE_CHECKING:
-    from llmkit.models import Seq2SeqTransformer
+    from llmkit.models import VAE, Seq2SeqTransformer
 
-__all__ = ["Seq2SeqTransformer", "__version__"]
+__all__ = ["VAE", "Seq2SeqTransformer", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,11 +2,14 @@
 
     llmkit fit --config examples/configs/translate.yaml
     llmkit test --config examples/configs/translate.yaml --ckpt_path outputs/translate/last.ckpt
+    llmkit fit --config examples/configs/vae_digits.yaml
 
 The model and the data module are chosen by ``class_path`` (LightningCLI's subclass mode), so
-any LightningModule and LightningDataModule can be named. The data module's vocabulary sizes
-are handed to the model (``data.src_vocab_size`` -> ``model.init_args.src_vocab_size``, and the
-target side likewise), so a config need not repeat them.
+any LightningModule and LightningDataModule can be named. What the data module knows is handed
+to the model, so a config need not repeat it: the vocabulary sizes (``data.src_vocab_size`` ->
+``model.init_args.src_vocab_size``, and the target side likewise) and the example shape
+(``data.input_shape`` -> ``model.init_args.input_shape``). A link applies where both sides have
+the attribute.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 
 class LLMKitCLI(LightningCLI):
-    """LightningCLI that hands the data module's vocabulary sizes to the model."""
+    """LightningCLI that hands the data module's vocabulary sizes and input shape to the model."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link the vocabulary sizes, known once the data module is built, to the model."""
-        for name in ("src_vocab_size", "tgt_vocab_size"):
+        """Link what the data module knows once it is built to the model's arguments."""
+        for name in ("src_vocab_size", "tgt_vocab_size", "input_shape"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
 

@@ -14,15 +14,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy
 from rouge_score.rouge_scorer import RougeScorer
 from sacrebleu import corpus_bleu
 from torch import Tensor, nn
@@ -763,23 +760,10 @@ class RecordValidation(L.Callback):
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_ddp_spawn_two_processes(tmp_path, monkeypatch):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_ddp_spawn_two_processes(tmp_path, ddp_spawn):
     dm = number_words()
     model = number_model(dm, val_generate_batches=1)
-    # Collectives fail (instead of hanging) after a minute.
-    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))
-    fit = trainer(devices=2, strategy=strategy, max_steps=4, callbacks=[RecordValidation(str(tmp_path))])
+    fit = trainer(devices=2, strategy=ddp_spawn, max_steps=4, callbacks=[RecordValidation(str(tmp_path))])
     fit.fit(model, datamodule=dm)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert ranks[0]["step"] == ranks[1]["step"] == 4

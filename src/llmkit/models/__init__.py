@@ -1,5 +1,6 @@
 """llmkit's LightningModules, to use as they are or to subclass."""
 
 from llmkit.models.seq2seq import Seq2SeqTransformer
+from llmkit.models.vae import VAE
 
-__all__ = ["Seq2SeqTransformer"]
+__all__ = ["VAE", "Seq2SeqTransformer"]

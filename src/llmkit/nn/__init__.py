@@ -1,13 +1,17 @@
 """Pure-torch building blocks, no Lightning.
 
-Attention with a KV cache, positional encoding, encoder and decoder layers and stacks.
+Attention with a KV cache, positional encoding, encoder and decoder layers and stacks; the
+VAE's MLP and convolutional encoders and decoders.
 """
 
 from llmkit.nn.attention import KVCache, MultiHeadAttention, padding_mask_to_allowed
 from llmkit.nn.positional import SinusoidalPositionalEncoding
 from llmkit.nn.transformer import Decoder, DecoderLayer, DecoderState, Encoder, EncoderLayer, FeedForward
+from llmkit.nn.vae import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
 __all__ = [
+    "ConvDecoder",
+    "ConvEncoder",
     "Decoder",
     "DecoderLayer",
     "DecoderState",
@@ -15,6 +19,8 @@ __all__ = [
     "EncoderLayer",
     "FeedForward",
     "KVCache",
+    "MLPDecoder",
+    "MLPEncoder",
     "MultiHeadAttention",
     "SinusoidalPositionalEncoding",
     "padding_mask_to_allowed",
