@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch that lies on this machine's disk; users bring their own (pyproject has a range).
 TORCH := torch==2.13.0
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo vae-demo bench clean
 
 install: $(STAMP)
 
@@ -32,9 +32,14 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/translate_numbers.py
 
+# The VAE on the bundled digits, with PNG grids under outputs/vae_digits.
+vae-demo: $(STAMP)
+	$(BIN)/python examples/vae_digits.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/seq2seq.py
+	$(BIN)/python benchmarks/vae.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
