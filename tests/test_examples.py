@@ -57,6 +57,29 @@ def test_vae_digits(tmp_path):
     assert (tmp_path / "vae.ckpt").exists()
 
 
+def test_distill_translator(tmp_path):
+    out = run(
+        "distill_translator.py", "--high", "300", "--val-size", "32", "--test-size", "32", "--teacher-steps", "6",
+        "--steps", "4", "--teacher-d-model", "32", "--student-d-model", "16", "--layers", "1",
+        "--output", str(tmp_path),
+    )
+    number = r"\|\s+(\S+) "
+    rows = re.findall(rf"^\| (teacher|student \w+)[^|]*\|\s+(\S+)M {number * 4}\|$", out, re.M)
+    assert [row[0] for row in rows] == ["teacher", "student alone", "student distilled"], out
+    params = [float(row[1]) for row in rows]
+    assert params[1] == params[2] < params[0]
+    for _, _, bleu, rouge, ppl, ms in rows:
+        assert 0.0 <= float(bleu) <= 1.0 and 0.0 <= float(rouge) <= 1.0 and float(ppl) > 1.0 and float(ms) > 0
+    assert len(re.findall(r"\(distilled student\)$", out, re.M)) == 4
+    assert re.search(r"distilled student (beats|does not beat) the student alone", out)
+    teacher = tmp_path / "teacher.ckpt"
+    assert teacher.exists()
+    # A saved teacher can be given back by path.
+    again = run("distill_translator.py", "--high", "300", "--val-size", "32", "--test-size", "32", "--steps", "2",
+                "--teacher", str(teacher), "--student-d-model", "16", "--layers", "1", "--output", str(tmp_path))
+    assert "teacher (teacher.ckpt)" in again
+
+
 def test_every_example_has_a_test():
     tested = set(re.findall(r'run\(\s*"([\w.]+)"', Path(__file__).read_text()))
     assert {path.name for path in EXAMPLES.glob("*.py")} <= tested, "an example in examples/ is not run by a test"

@@ -14,6 +14,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from llmkit._logging import WindowedMeans
 from llmkit.nn.vae import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
 Batch = Tensor | tuple[Tensor, ...] | list[Tensor]
@@ -152,8 +153,7 @@ class VAE(L.LightningModule):
             else:
                 self.register_buffer("log_scale", torch.tensor(math.log(gaussian_scale)))
         self.val_activity = _LatentActivity(latent_dim, active_threshold)
-        self._train_sums: Tensor | None = None  # [elbo, recon, kl] summed since the last log
-        self._train_count = 0
+        self._train_log = WindowedMeans(("train_elbo", "train_recon", "train_kl"), prog_bar=("train_elbo",))
 
     @property
     def hp(self) -> AttributeDict:
@@ -422,21 +422,8 @@ class VAE(L.LightningModule):
         """
         x = self._unpack(batch)
         terms = self.loss_terms(x)
-        values = torch.stack([terms["elbo"], terms["recon"], terms["kl"]]).detach()
-        if self._train_sums is None or self._train_sums.device != values.device:
-            self._train_sums, self._train_count = torch.zeros_like(values), 0
-        self._train_sums += values
-        self._train_count += 1
-        every = int(getattr(self._trainer, "log_every_n_steps", 1))
-        logger_step = every <= 1 or (self.global_step + 1) % every == 0
-        if logger_step or self.global_step == 0:
-            elbo, recon, kl = (self._train_sums / self._train_count).unbind()
-            self.log("train_elbo", elbo, prog_bar=True, batch_size=x.shape[0])
-            self.log("train_recon", recon, batch_size=x.shape[0])
-            self.log("train_kl", kl, batch_size=x.shape[0])
-        if logger_step:
-            self._train_sums.zero_()
-            self._train_count = 0
+        values = {"train_elbo": terms["elbo"], "train_recon": terms["recon"], "train_kl": terms["kl"]}
+        self._train_log.update(self, values, batch_size=x.shape[0])
         return terms["loss"]
 
     def _evaluate(self, batch: Batch, stage: str) -> Tensor:

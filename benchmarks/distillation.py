@@ -1,0 +1,109 @@
+"""KnowledgeDistillation's step-time overhead against the student trained alone, in one process.
+
+A distillation step adds one teacher forward (no grad) to the student's forward, backward and
+optimizer step, so with forward FLOPs ``F`` and a backward of about twice the forward, the
+expected ratio is ``1 + F_teacher / (3 * F_student)``. The FLOPs are counted with
+``torch.utils.flop_counter`` on the real batches; the step times are medians of
+``Trainer.fit`` steps on the NumberWords translation task (Seq2SeqTransformer students and
+teachers), interleaved run by run.
+
+    python benchmarks/distillation.py [--steps 60] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from llmkit import Seq2SeqTransformer
+from llmkit.callbacks import KnowledgeDistillation
+from llmkit.data import NumberWordsDataModule
+
+
+class StepTimer(L.Callback):
+    """Seconds of each training step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Start the clock."""
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Stop the clock."""
+        self.times.append(time.perf_counter() - self._start)
+
+
+def model(data: NumberWordsDataModule, d_model: int, layers: int) -> Seq2SeqTransformer:
+    return Seq2SeqTransformer(
+        data.src_vocab_size, data.tgt_vocab_size, d_model=d_model, num_heads=4, num_encoder_layers=layers,
+        num_decoder_layers=layers, dim_feedforward=4 * d_model, dropout=0.05, max_len=32, lr=1e-3, warmup_steps=10,
+    )
+
+
+def forward_flops(module: Seq2SeqTransformer, batch: dict[str, torch.Tensor]) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(batch["src"], batch["tgt"][:, :-1])
+    return int(counter.get_total_flops())
+
+
+def step_ms(
+    student: Seq2SeqTransformer, data: NumberWordsDataModule, steps: int, callbacks: list[L.Callback]
+) -> list[float]:
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[*callbacks, timer],
+    )
+    trainer.fit(student, data)
+    return [1000 * t for t in timer.times[3:]]  # the first steps warm up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60, help="steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each")
+    parser.add_argument("--quick", action="store_true", help="15 steps, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 15, 1
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+    data = NumberWordsDataModule(batch_size=64)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; NumberWords en->fr, batch 64\n")
+    print(f"| {'student <- teacher (d_model, layers)':<38} | {'F_t/F_s':>7} | {'alone ms':>8} | {'with KD ms':>10} | "
+          f"{'ratio':>6} | {'expected':>8} | {'ratio/expected':>14} |")
+    print(f"|{'-' * 40}|{'-' * 9}|{'-' * 10}|{'-' * 12}|{'-' * 8}|{'-' * 10}|{'-' * 16}|")
+    for (d_s, l_s), (d_t, l_t) in (((64, 3), (128, 3)), ((128, 2), (256, 4))):
+        torch.manual_seed(0)
+        teacher = model(data, d_t, l_t)
+        flops = forward_flops(teacher, batch) / forward_flops(model(data, d_s, l_s), batch)
+        alone: list[float] = []
+        with_kd: list[float] = []
+        for _ in range(args.rounds):
+            alone += step_ms(model(data, d_s, l_s), data, args.steps, [])
+            kd = KnowledgeDistillation(teacher, ignore_index=0)
+            with_kd += step_ms(model(data, d_s, l_s), data, args.steps, [kd])
+        ratio = statistics.median(with_kd) / statistics.median(alone)
+        expected = 1 + flops / 3
+        name = f"({d_s}, {l_s}+{l_s}) <- ({d_t}, {l_t}+{l_t})"
+        print(f"| {name:<38} | {flops:7.2f} | {statistics.median(alone):8.1f} | {statistics.median(with_kd):10.1f} | "
+              f"{ratio:5.2f}x | {expected:7.2f}x | {ratio / expected:13.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
