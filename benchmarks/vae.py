@@ -10,7 +10,9 @@ cross-entropy on grey levels), Adam at 1e-3, batch 128, a bare training loop.
    (``llmkit, tuned``: the settings below). Mean and spread over seeds.
 2. Lightning overhead: epoch time of ``Trainer.fit`` on llmkit's VAE against the plain loop on
    the same network, batch size and DataLoader: with no progress bar, with one refreshed every
-   10 steps (the recipe prints every 10 batches) and with Lightning's default (every step).
+   10 steps (the recipe prints every 10 batches) and with Lightning's default (every step); and,
+   for reference, ``Trainer.fit`` on the recipe's own model and loss in the barest LightningModule
+   (Lightning's overhead alone).
 
     python benchmarks/vae.py [--epochs 100] [--seeds 3] [--quick]
 """
@@ -111,6 +113,24 @@ def train_recipe(loader: DataLoader, epochs: int, seed: int) -> tuple[RecipeVAE,
     return model, epoch_times
 
 
+class BareRecipe(L.LightningModule):
+    """The recipe's own model and loss in the barest LightningModule: Lightning's overhead alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = RecipeVAE()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The recipe's loss, summed over the batch."""
+        x, _ = batch
+        recon, mu, logvar = self.model(x)
+        return recipe_loss(recon, x, mu, logvar)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam at the recipe's rate."""
+        return torch.optim.Adam(self.parameters(), lr=LR)
+
+
 class EpochTimer(L.Callback):
     """Seconds of each training epoch, from its start to its end."""
 
@@ -127,14 +147,16 @@ class EpochTimer(L.Callback):
 
 
 def train_llmkit(
-    data: DigitsDataModule, epochs: int, seed: int, refresh_rate: int = 0, **kwargs: Any
-) -> tuple[VAE, list[float]]:
-    """``Trainer.fit`` on llmkit's VAE; no logger, no checkpoint files.
+    data: DigitsDataModule, epochs: int, seed: int, refresh_rate: int = 0, bare: bool = False, **kwargs: Any
+) -> tuple[L.LightningModule, list[float]]:
+    """``Trainer.fit`` on llmkit's VAE (or, ``bare``, on :class:`BareRecipe`); no logger, no checkpoints.
 
     The progress bar is refreshed every ``refresh_rate`` steps (0: no bar).
     """
     L.seed_everything(seed, verbose=False)
-    model = VAE(**{"input_shape": (64,), "latent_dim": LATENT, "hidden_dims": (WIDTH,), "lr": LR, **kwargs})
+    model = BareRecipe() if bare else VAE(
+        **{"input_shape": (64,), "latent_dim": LATENT, "hidden_dims": (WIDTH,), "lr": LR, **kwargs}
+    )
     timer = EpochTimer()
     callbacks: list[L.Callback] = [timer]
     if refresh_rate:
@@ -164,7 +186,7 @@ def main() -> None:
     test_x = data.split("test").tensors[0]
 
     nll: dict[str, list[float]] = {"recipe": [], "llmkit, recipe": [], "llmkit, tuned": []}
-    times: dict[str, list[float]] = {"recipe": [], "no bar": [], "bar every 10": [], "bar every step": []}
+    times: dict[str, list[float]] = {"recipe": [], "bare": [], "no bar": [], "bar every 10": [], "bar every step": []}
     for seed in range(args.seeds):
         recipe, recipe_times = train_recipe(data.train_dataloader(), args.epochs, seed)
         torch.manual_seed(1000 + seed)
@@ -173,7 +195,9 @@ def main() -> None:
         for name, kwargs in (("llmkit, recipe", {}), ("llmkit, tuned", TUNED)):
             model, _ = train_llmkit(data, args.epochs, seed, **kwargs)
             torch.manual_seed(1000 + seed)
+            assert isinstance(model, VAE)
             nll[name].append(-model.log_likelihood(test_x, num_samples=args.samples).mean().item())
+        times["bare"] += train_llmkit(data, args.epochs, seed, bare=True)[1][1:]
         for name, refresh in (("no bar", 0), ("bar every 10", 10), ("bar every step", 1)):
             times[name] += train_llmkit(data, args.epochs, seed, refresh_rate=refresh)[1][1:]
 
@@ -193,6 +217,8 @@ def main() -> None:
     print(f"\n| {'epoch time (median), batch ' + str(BATCH):<40} | {'seconds':>10} | {'ratio':>7} |")
     print(f"|{'-' * 42}|{'-' * 12}|{'-' * 9}|")
     print(f"| {'plain loop (the recipe)':<40} | {plain:10.4f} | {1.0:6.2f}x |")
+    bare = statistics.median(times["bare"])
+    print(f"| {'Trainer.fit, the recipe bare, no bar':<40} | {bare:10.4f} | {bare / plain:6.2f}x |")
     for name in ("no bar", "bar every 10", "bar every step"):
         ours = statistics.median(times[name])
         print(f"| {'Trainer.fit, llmkit VAE, ' + name:<40} | {ours:10.4f} | {ours / plain:6.2f}x |")
