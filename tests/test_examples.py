@@ -80,6 +80,18 @@ def test_distill_translator(tmp_path):
     assert "teacher (teacher.ckpt)" in again
 
 
+def test_quantize_translator(tmp_path):
+    out = run(
+        "quantize_translator.py", "--high", "300", "--val-size", "32", "--test-size", "32", "--steps", "6",
+        "--qat-steps", "3", "--layers", "1", "--output", str(tmp_path),
+    )
+    rows = re.findall(r"^\| (fp32|PTQ 8da4w|QAT 8da4w)[^|]*\|\s+(\S+) \|\s+(\S+) \|\s+\d+ KiB \((\S+)x\)", out, re.M)
+    assert [row[0] for row in rows] == ["fp32", "PTQ 8da4w", "QAT 8da4w"], out
+    assert float(rows[0][3]) == 1.0 and float(rows[1][3]) <= 0.35 and float(rows[2][3]) <= 0.35
+    assert all(0.0 <= float(row[1]) <= 1.0 and float(row[2]) >= 1.0 for row in rows)
+    assert (tmp_path / "qat_8da4w.pt").exists() and (tmp_path / "fp32.ckpt").exists()
+
+
 def test_every_example_has_a_test():
     tested = set(re.findall(r'run\(\s*"([\w.]+)"', Path(__file__).read_text()))
     assert {path.name for path in EXAMPLES.glob("*.py")} <= tested, "an example in examples/ is not run by a test"

@@ -176,6 +176,26 @@ def test_converted_model_validates_tests_predicts_and_reloads(tmp_path):
     torch.testing.assert_close(fresh(x), model(x))
 
 
+def test_trainer_test_with_ckpt_path_after_conversion(tmp_path):
+    """Lightning 1.x's QAT callback broke this (#12896): the best checkpoint holds float weights."""
+    torch.manual_seed(0)
+    model = Regressor()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")
+    fit = trainer(max_steps=6, val_check_interval=3, callbacks=[QuantizationAwareTraining(), checkpoint],
+                  enable_checkpointing=True, limit_val_batches=None)
+    fit.fit(model, regression_data(), regression_data())
+    (tested,) = fit.test(model, regression_data(), ckpt_path="best", verbose=False)
+    # By hand: the best float weights, converted with torchao's flow.
+    expected_model = Regressor()
+    expected_model.load_state_dict(torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"])
+    quantize_(expected_model.net, QATConfig(base(), step="prepare"))
+    quantize_(expected_model.net, QATConfig(base(), step="convert"))
+    x, y = regression_data(n=64, batch_size=64).dataset.tensors
+    with torch.no_grad():
+        assert tested["test_loss"] == pytest.approx(F.mse_loss(expected_model(x), y).item(), rel=1e-5)
+    assert type(model.net[0].weight).__name__ == "IntxUnpackedToInt8Tensor"
+
+
 def seq2seq_batch() -> dict[str, Tensor]:
     src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0], [4, 2, 0, 0]])
     tgt = torch.tensor([[1, 10, 11, 12, 2], [1, 5, 2, 0, 0], [1, 2, 0, 0, 0]])
@@ -216,6 +236,19 @@ def test_vae_keyword_free_forward_and_lightnings_demo_transformer():
     trainer(max_steps=2, callbacks=[qat]).fit(demo, data)
     assert qat.converted and "model.decoder" in qat.prepared_names
     assert demo(tokens[:2, 0], tokens[:2, 1]).shape == (20, 40)
+
+
+def test_embeddings_are_optional():
+    torch.manual_seed(0)
+    model = translator(32)
+    qat = QuantizationAwareTraining(quantize_embeddings=True)
+    trainer(max_steps=2, callbacks=[qat]).fit(model, DataLoader([seq2seq_batch()] * 2, batch_size=None))
+    assert qat.embedding_names == ["src_embed", "tgt_embed"]
+    assert type(model.src_embed.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert model.generate(seq2seq_batch()["src"], max_new_tokens=4).shape[0] == 3
+    plain = translator(32)
+    trainer(max_steps=1, callbacks=[QuantizationAwareTraining()]).fit(plain, DataLoader([seq2seq_batch()], batch_size=None))
+    assert type(plain.src_embed.weight).__name__ == "Parameter"
 
 
 def test_bf16_mixed_on_cpu():

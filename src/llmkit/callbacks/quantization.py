@@ -34,9 +34,18 @@ def _base_config(scheme: str, group_size: int | None) -> Any:
 
 
 def _fake_quantized_linears(module: nn.Module) -> list[nn.Module]:
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
-    return [m for m in module.modules() if isinstance(m, FakeQuantizedLinear)]
+    return [m for m in module.modules() if isinstance(m, FakeQuantizedLinear | FakeQuantizedEmbedding)]
+
+
+def _embedding_config(weight_dtype: torch.dtype, group_size: int | None) -> Any:
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    granularity = PerGroup(group_size) if group_size is not None else PerAxis(0)
+    return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity)
 
 
 def quantized_weight_bytes(module: nn.Module) -> tuple[int, int]:
@@ -80,6 +89,8 @@ class QuantizationAwareTraining(L.Callback):
         start_step: optimizer steps of plain training before fake quantization starts (as
             torchtune's ``fake_quant_after_n_steps``).
         convert_on_fit_end: convert when ``fit`` ends.
+        quantize_embeddings: also quantize the weights of ``nn.Embedding`` layers (weight-only,
+            with the scheme's weight dtype and group size), when the scheme is named.
         filter_fn: ``(module, name) -> bool``: which linear layers to quantize (default: every
             ``nn.Linear`` the scheme supports; those skipped are listed once in a warning).
 
@@ -105,6 +116,7 @@ class QuantizationAwareTraining(L.Callback):
         group_size: int | None = 32,
         start_step: int = 0,
         convert_on_fit_end: bool = True,
+        quantize_embeddings: bool = False,
         filter_fn: Callable[[nn.Module, str], bool] | None = None,
     ) -> None:
         if isinstance(scheme, str) and scheme not in _SCHEMES:
@@ -115,7 +127,14 @@ class QuantizationAwareTraining(L.Callback):
             raise ValueError(f"`start_step` must be >= 0, got {start_step}")
         self.scheme, self.group_size, self.start_step = scheme, group_size, int(start_step)
         self.convert_on_fit_end, self.filter_fn = convert_on_fit_end, filter_fn
+        if quantize_embeddings and not isinstance(scheme, str):
+            raise ValueError("`quantize_embeddings=True` needs a scheme given by name, to pick the embeddings' dtype")
         self.base_config = _base_config(scheme, group_size) if isinstance(scheme, str) else scheme
+        self.embedding_config = (
+            _embedding_config(_SCHEMES[scheme][1], group_size) if quantize_embeddings and isinstance(scheme, str)
+            else None
+        )
+        self.embedding_names: list[str] = []
         self.prepared_names: list[str] = []
         self.converted = False
         self._fake_quant_enabled: bool | None = None
@@ -190,6 +209,16 @@ class QuantizationAwareTraining(L.Callback):
         names = set(chosen)
         quantize_(module, QATConfig(self.base_config, step="prepare"), filter_fn=lambda _, name: name in names)
         self.prepared_names = chosen
+        if self.embedding_config is not None:
+            group = self.group_size
+            embeddings = {
+                name for name, layer in module.named_modules()
+                if isinstance(layer, nn.Embedding) and (group is None or layer.embedding_dim % group == 0)
+                and (self.filter_fn is None or self.filter_fn(layer, name))
+            }
+            quantize_(module, QATConfig(self.embedding_config, step="prepare"),
+                      filter_fn=lambda layer, name: name in embeddings)
+            self.embedding_names = sorted(embeddings)
         self._fake_quant_enabled = None
 
     def convert(self, module: nn.Module) -> nn.Module:
@@ -209,8 +238,50 @@ class QuantizationAwareTraining(L.Callback):
             module, QATConfig(self.base_config, step="convert"),
             filter_fn=lambda layer, _: isinstance(layer, FakeQuantizedLinear),
         )
+        if self.embedding_config is not None:
+            from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+
+            quantize_(
+                module, QATConfig(self.embedding_config, step="convert"),
+                filter_fn=lambda layer, _: isinstance(layer, FakeQuantizedEmbedding),
+            )
         self.converted = True
+        if isinstance(module, L.LightningModule) and "on_load_checkpoint" not in vars(module):
+            # Checkpoints saved while training hold float weights; Trainer.validate/test/predict
+            # (ckpt_path=...) load them into the converted module through this hook.
+            original = module.on_load_checkpoint
+
+            def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+                original(checkpoint)
+                self.quantize_float_weights(module, checkpoint.get("state_dict", {}))
+
+            module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
         return module
+
+    def quantize_float_weights(self, module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Quantize, in ``state_dict``, the float weights of the layers that are quantized in ``module``.
+
+        So that a checkpoint saved during (fake-quantized) training loads into the converted
+        module; each weight is quantized as conversion does. Returns ``state_dict``.
+        """
+        from torchao.quantization import quantize_
+
+        for name, layer in module.named_modules():
+            weight = getattr(layer, "weight", None)
+            key = f"{name}.weight" if name else "weight"
+            incoming = state_dict.get(key)
+            if (
+                not isinstance(layer, nn.Linear)
+                or not hasattr(weight, "__tensor_flatten__")
+                or not isinstance(incoming, torch.Tensor)
+                or hasattr(incoming, "__tensor_flatten__")
+            ):
+                continue
+            scratch = nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=incoming.dtype)
+            scratch.weight = nn.Parameter(incoming.detach().clone(), requires_grad=False)
+            quantize_(scratch, self.base_config)
+            state_dict[key] = scratch.weight
+        return state_dict
 
     def _set_fake_quant(self, module: nn.Module, enabled: bool) -> None:
         if enabled == self._fake_quant_enabled:

@@ -1,0 +1,121 @@
+"""QuantizationAwareTraining: fake-quantized step time, converted size and CPU latency, in one process.
+
+Training step time with fake quantization against the plain step, and the converted model's
+weight bytes and latency against fp32.
+
+Seq2SeqTransformer translators on the NumberWords task (batch 64), with torchao's 8da4w scheme
+(int8 dynamic activations, int4 weights in groups of 32) and the weight-only 4w scheme. Step times
+are medians of ``Trainer.fit`` steps, plain and fake-quantized runs interleaved.
+
+    python benchmarks/qat.py [--steps 40] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+
+from llmkit import Seq2SeqTransformer
+from llmkit.callbacks import QuantizationAwareTraining
+from llmkit.callbacks.quantization import quantized_weight_bytes
+from llmkit.data import NumberWordsDataModule
+
+
+class StepTimer(L.Callback):
+    """Seconds of each training step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Start the clock."""
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Stop the clock."""
+        self.times.append(time.perf_counter() - self._start)
+
+
+def translator(data: NumberWordsDataModule, d_model: int) -> Seq2SeqTransformer:
+    return Seq2SeqTransformer(
+        data.src_vocab_size, data.tgt_vocab_size, d_model=d_model, num_heads=4, num_encoder_layers=3,
+        num_decoder_layers=3, dim_feedforward=4 * d_model, dropout=0.05, max_len=32, lr=1e-3, warmup_steps=10,
+    )
+
+
+def step_ms(
+    model: Seq2SeqTransformer, data: NumberWordsDataModule, steps: int, callbacks: list[L.Callback]
+) -> list[float]:
+    timer = StepTimer()
+    L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[*callbacks, timer],
+    ).fit(model, data)
+    return [1000 * t for t in timer.times[3:]]
+
+
+def median_ms(fn: Any, runs: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each")
+    parser.add_argument("--quick", action="store_true", help="10 steps, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 10, 1
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+    data = NumberWordsDataModule(batch_size=64)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; NumberWords en->fr, batch 64\n")
+    print(f"| {'d_model 3+3 layers, scheme':<28} | {'plain ms':>8} | {'fake-quant ms':>13} | {'ratio':>6} | "
+          f"{'weights':>7} | {'fp32 fwd ms':>11} | {'int fwd ms':>10} | {'fp32 gen ms':>11} | {'int gen ms':>10} |")
+    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 15}|{'-' * 8}|{'-' * 9}|{'-' * 13}|{'-' * 12}|{'-' * 13}|{'-' * 12}|")
+    for d_model in (64, 128, 256):
+        for scheme in ("8da4w", "4w"):
+            plain: list[float] = []
+            fake: list[float] = []
+            for _ in range(args.rounds):
+                torch.manual_seed(0)
+                plain += step_ms(translator(data, d_model), data, args.steps, [])
+                torch.manual_seed(0)
+                qat = QuantizationAwareTraining(scheme=scheme, convert_on_fit_end=False)
+                fake += step_ms(translator(data, d_model), data, args.steps, [qat])
+            fp32_model = translator(data, d_model).eval()
+            int_model = QuantizationAwareTraining(scheme=scheme).convert(copy.deepcopy(fp32_model)).eval()
+            stored, fp32 = quantized_weight_bytes(int_model)
+            src, tgt_in = batch["src"], batch["tgt"][:, :-1]
+            with torch.no_grad():
+                fwd = [median_ms(lambda m=m, s=src, t=tgt_in: m(s, t)) for m in (fp32_model, int_model)]
+            gen = [median_ms(lambda m=m, s=src[:16]: m.generate(s, max_new_tokens=16), runs=3)
+                   for m in (fp32_model, int_model)]
+            ratio = statistics.median(fake) / statistics.median(plain)
+            name = f"{d_model}, {scheme}"
+            print(f"| {name:<28} | {statistics.median(plain):8.1f} | {statistics.median(fake):13.1f} | "
+                  f"{ratio:5.2f}x | {stored / fp32:6.2f}x | {fwd[0]:11.1f} | {fwd[1]:10.1f} | {gen[0]:11.0f} | "
+                  f"{gen[1]:10.0f} |")
+
+
+if __name__ == "__main__":
+    main()
