@@ -251,7 +251,23 @@ def test_embeddings_are_optional():
     assert type(plain.src_embed.weight).__name__ == "Parameter"
 
 
-def test_bf16_mixed_on_cpu():
+def test_keyword_only_forward():
+    """Lightning 1.x's callback assumed one positional tensor input (#7926, #15862)."""
+
+    class Keywords(Regressor):
+        def forward(self, *, features: Tensor, scale: float = 1.0) -> Tensor:
+            return self.net(features) * scale
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self(features=x, scale=2.0), y)
+
+    torch.manual_seed(0)
+    model = Keywords()
+    trainer(max_steps=2, callbacks=[QuantizationAwareTraining()]).fit(model, regression_data())
+    assert model(features=torch.randn(2, 32)).shape == (2, 4)
+    assert type(model.net[0].weight).__name__ == "IntxUnpackedToInt8Tensor"
+
     torch.manual_seed(0)
     model = translator()
     record = RecordLosses()
