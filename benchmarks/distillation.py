@@ -14,36 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
-from typing import Any
 
-import lightning.pytorch as L
 import torch
+from _timing import fit_step_ms
 from torch.utils.flop_counter import FlopCounterMode
 
 from llmkit import Seq2SeqTransformer
 from llmkit.callbacks import KnowledgeDistillation
 from llmkit.data import NumberWordsDataModule
-
-
-class StepTimer(L.Callback):
-    """Seconds of each training step."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Start the clock."""
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """Stop the clock."""
-        self.times.append(time.perf_counter() - self._start)
 
 
 def model(data: NumberWordsDataModule, d_model: int, layers: int) -> Seq2SeqTransformer:
@@ -57,18 +36,6 @@ def forward_flops(module: Seq2SeqTransformer, batch: dict[str, torch.Tensor]) ->
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(batch["src"], batch["tgt"][:, :-1])
     return int(counter.get_total_flops())
-
-
-def step_ms(
-    student: Seq2SeqTransformer, data: NumberWordsDataModule, steps: int, callbacks: list[L.Callback]
-) -> list[float]:
-    timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[*callbacks, timer],
-    )
-    trainer.fit(student, data)
-    return [1000 * t for t in timer.times[3:]]  # the first steps warm up
 
 
 def main() -> None:
@@ -95,9 +62,9 @@ def main() -> None:
         alone: list[float] = []
         with_kd: list[float] = []
         for _ in range(args.rounds):
-            alone += step_ms(model(data, d_s, l_s), data, args.steps, [])
+            alone += fit_step_ms(model(data, d_s, l_s), data, args.steps, [])
             kd = KnowledgeDistillation(teacher, ignore_index=0)
-            with_kd += step_ms(model(data, d_s, l_s), data, args.steps, [kd])
+            with_kd += fit_step_ms(model(data, d_s, l_s), data, args.steps, [kd])
         ratio = statistics.median(with_kd) / statistics.median(alone)
         expected = 1 + flops / 3
         name = f"({d_s}, {l_s}+{l_s}) <- ({d_t}, {l_t}+{l_t})"

@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 import warnings
-from typing import Any
 
-import lightning.pytorch as L
 import torch
+from _timing import fit_step_ms, median_ms
 
 from llmkit import Seq2SeqTransformer
 from llmkit.callbacks import QuantizationAwareTraining
@@ -28,51 +26,11 @@ from llmkit.callbacks.quantization import quantized_weight_bytes
 from llmkit.data import NumberWordsDataModule
 
 
-class StepTimer(L.Callback):
-    """Seconds of each training step."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Start the clock."""
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """Stop the clock."""
-        self.times.append(time.perf_counter() - self._start)
-
-
 def translator(data: NumberWordsDataModule, d_model: int) -> Seq2SeqTransformer:
     return Seq2SeqTransformer(
         data.src_vocab_size, data.tgt_vocab_size, d_model=d_model, num_heads=4, num_encoder_layers=3,
         num_decoder_layers=3, dim_feedforward=4 * d_model, dropout=0.05, max_len=32, lr=1e-3, warmup_steps=10,
     )
-
-
-def step_ms(
-    model: Seq2SeqTransformer, data: NumberWordsDataModule, steps: int, callbacks: list[L.Callback]
-) -> list[float]:
-    timer = StepTimer()
-    L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[*callbacks, timer],
-    ).fit(model, data)
-    return [1000 * t for t in timer.times[3:]]
-
-
-def median_ms(fn: Any, runs: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -98,10 +56,10 @@ def main() -> None:
             fake: list[float] = []
             for _ in range(args.rounds):
                 torch.manual_seed(0)
-                plain += step_ms(translator(data, d_model), data, args.steps, [])
+                plain += fit_step_ms(translator(data, d_model), data, args.steps, [])
                 torch.manual_seed(0)
                 qat = QuantizationAwareTraining(scheme=scheme, convert_on_fit_end=False)
-                fake += step_ms(translator(data, d_model), data, args.steps, [qat])
+                fake += fit_step_ms(translator(data, d_model), data, args.steps, [qat])
             fp32_model = translator(data, d_model).eval()
             int_model = QuantizationAwareTraining(scheme=scheme).convert(copy.deepcopy(fp32_model)).eval()
             stored, fp32 = quantized_weight_bytes(int_model)

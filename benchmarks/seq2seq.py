@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _timing import median_ms
 from torch import Tensor, nn
 
 from llmkit import Seq2SeqTransformer
@@ -57,16 +56,6 @@ class TorchTransformerModel(nn.Module):
             src_key_padding_mask=pad, memory_key_padding_mask=pad,
         )
         return self.output(hidden)
-
-
-def median_ms(fn: Callable[[], object], runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:

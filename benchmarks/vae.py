@@ -29,6 +29,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
+from _timing import EpochTimer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -129,21 +130,6 @@ class BareRecipe(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam at the recipe's rate."""
         return torch.optim.Adam(self.parameters(), lr=LR)
-
-
-class EpochTimer(L.Callback):
-    """Seconds of each training epoch, from its start to its end."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Start the clock."""
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Stop the clock."""
-        self.times.append(time.perf_counter() - self._start)
 
 
 def train_llmkit(

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from llmkit import Seq2SeqTransformer
 from llmkit.callbacks import KnowledgeDistillation
 from llmkit.callbacks.distillation import distillation_loss
+from tests.callbacks.helpers import RecordLosses, seq2seq_batch, trainer, translator
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
@@ -63,22 +64,6 @@ def classification_data(n: int = 64, batch_size: int = 16, seed: int = 0) -> Dat
     x = torch.randn(n, 8, generator=generator)
     y = torch.randint(0, 5, (n,), generator=generator)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
-
-
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
-
-
-class RecordLosses(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
 
 
 def hinton(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -150,22 +135,12 @@ def test_kl_is_per_token_not_batchmean():
 
 def translators(vocab: int = 13) -> tuple[Seq2SeqTransformer, Seq2SeqTransformer]:
     torch.manual_seed(0)
-    common = dict(num_heads=2, num_encoder_layers=1, num_decoder_layers=1, dropout=0.0, max_len=16, lr=1e-3,
-                  warmup_steps=1)
-    student = Seq2SeqTransformer(vocab, vocab, d_model=16, dim_feedforward=32, **common)
-    teacher = Seq2SeqTransformer(vocab, vocab, d_model=32, dim_feedforward=64, **common)
-    return student, teacher
-
-
-def translation_batch() -> dict[str, Tensor]:
-    src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0], [4, 2, 0, 0]])
-    tgt = torch.tensor([[1, 10, 11, 12, 2], [1, 5, 2, 0, 0], [1, 2, 0, 0, 0]])
-    return {"src": src, "tgt": tgt}
+    return translator(16, vocab), translator(32, vocab)
 
 
 def test_seq2seq_student_masks_padding_per_token():
     student, teacher = translators()
-    batch = translation_batch()
+    batch = seq2seq_batch()
     with torch.no_grad():
         s = student(batch["src"], batch["tgt"][:, :-1])
         t = teacher(batch["src"], batch["tgt"][:, :-1])
@@ -375,7 +350,7 @@ def test_bf16_mixed_runs_the_teacher_under_autocast():
     teacher.output.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     kd = KnowledgeDistillation(teacher, ignore_index=0)
     trainer(max_steps=2, precision="bf16-mixed", callbacks=[kd]).fit(
-        student, DataLoader([translation_batch()] * 2, batch_size=None)
+        student, DataLoader([seq2seq_batch()] * 2, batch_size=None)
     )
     assert dtypes == [torch.bfloat16, torch.bfloat16]
 
@@ -417,7 +392,7 @@ def test_different_vocabularies_fail_at_the_first_step_naming_both_shapes():
     _, teacher = translators(vocab=17)
     kd = KnowledgeDistillation(teacher, ignore_index=0)
     with pytest.raises(ValueError, match="student \\(3, 4, 13\\), teacher \\(3, 4, 17\\)"):
-        trainer(max_steps=1, callbacks=[kd]).fit(student, DataLoader([translation_batch()], batch_size=None))
+        trainer(max_steps=1, callbacks=[kd]).fit(student, DataLoader([seq2seq_batch()], batch_size=None))
 
 
 def test_training_step_that_never_calls_forward():

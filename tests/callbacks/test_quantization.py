@@ -21,9 +21,10 @@ from lightning.pytorch.demos.transformer import LightningTransformer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from llmkit import VAE, Seq2SeqTransformer
+from llmkit import VAE
 from llmkit.callbacks import KnowledgeDistillation, QuantizationAwareTraining
 from llmkit.callbacks.quantization import quantized_weight_bytes
+from tests.callbacks.helpers import RecordLosses, seq2seq_batch, trainer, translator
 
 torchao = pytest.importorskip("torchao")
 from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_  # noqa: E402
@@ -73,22 +74,6 @@ def regression_data(n: int = 64, batch_size: int = 16) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, 32, generator=generator)
     return DataLoader(TensorDataset(x, x[:, :4] * 2 - x[:, 4:8]), batch_size=batch_size)
-
-
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
-
-
-class RecordLosses(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
 
 
 def base() -> Int8DynamicActivationIntxWeightConfig:
@@ -194,17 +179,6 @@ def test_trainer_test_with_ckpt_path_after_conversion(tmp_path):
     with torch.no_grad():
         assert tested["test_loss"] == pytest.approx(F.mse_loss(expected_model(x), y).item(), rel=1e-5)
     assert type(model.net[0].weight).__name__ == "IntxUnpackedToInt8Tensor"
-
-
-def seq2seq_batch() -> dict[str, Tensor]:
-    src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0], [4, 2, 0, 0]])
-    tgt = torch.tensor([[1, 10, 11, 12, 2], [1, 5, 2, 0, 0], [1, 2, 0, 0, 0]])
-    return {"src": src, "tgt": tgt}
-
-
-def translator(d_model: int = 32) -> Seq2SeqTransformer:
-    return Seq2SeqTransformer(13, 13, d_model=d_model, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
-                              dim_feedforward=2 * d_model, dropout=0.0, max_len=16, lr=1e-3, warmup_steps=1)
 
 
 def test_seq2seq_two_input_forward_trains_converts_and_generates():
