@@ -2,6 +2,7 @@
 
 - :class:`llmkit.Seq2SeqTransformer`: the encoder-decoder of "Attention Is All You Need".
 - :class:`llmkit.VAE`: a variational autoencoder that generates, denoises and estimates ``log p(x)``.
+- :mod:`llmkit.callbacks`: ``KnowledgeDistillation``, ``QuantizationAwareTraining``, for any LightningModule.
 - :mod:`llmkit.metrics`: ``BLEUScore``, ``ROUGEScore``, ``Perplexity`` (and ``.functional``).
 - :mod:`llmkit.data`: ``NumberWordsDataModule`` (translation) and ``DigitsDataModule`` (8x8 images),
   embedded tasks that need no download.
