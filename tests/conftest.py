@@ -18,6 +18,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # makes torch's small ops several times slower. One thread per worker.
     torch.set_num_threads(1)
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models, restored after.
+
+    Tiny tensors gain nothing from threads, and under ``pytest -n 2`` on two cores they
+    oversubscribe the CPUs (several times slower). Use with ``pytest.mark.usefixtures``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 WMT17_PATH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wmt17_en_de_systems.pkl.bz2"
 
 

@@ -21,10 +21,7 @@ from llmkit.data import DigitsDataModule, NumberWordsDataModule
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "translate.yaml"
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-    # Tiny runs: Lightning notes that the loaders have few batches and workers.
-    pytest.mark.filterwarnings("ignore:The number of training batches"),
-    pytest.mark.filterwarnings("ignore:The '\\w+_dataloader' does not have many workers"),
+    pytest.mark.usefixtures("one_thread"),
     # No tensorboard here: the config's default logger is a CSVLogger.
     pytest.mark.filterwarnings("ignore:Starting from v1.9.0, `tensorboardX` has been removed"),
     # validate/test/predict write to another folder than fit did.
@@ -33,15 +30,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::jsonargparse._deprecated.JsonargparseDeprecationWarning"),
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and under ``pytest -n 2`` on two cores they
-    oversubscribe the CPUs (several times slower); use one thread here and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(args: list[str]):

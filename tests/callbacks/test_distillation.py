@@ -30,14 +30,6 @@ from llmkit.callbacks import KnowledgeDistillation
 from llmkit.callbacks.distillation import distillation_loss
 from tests.callbacks.helpers import RecordLosses, seq2seq_batch, trainer, translator
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-    pytest.mark.filterwarnings("ignore:The '\\w+_dataloader' does not have many workers"),
-    pytest.mark.filterwarnings("ignore:The number of training batches"),
-    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
-    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
-]
-
 
 class Classifier(L.LightningModule):
     """A plain classifier: its training_step calls its forward and returns a loss."""

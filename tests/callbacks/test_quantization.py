@@ -32,11 +32,6 @@ from torchao.quantization.granularity import PerGroup  # noqa: E402
 from torchao.quantization.qat import QATConfig  # noqa: E402
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-    pytest.mark.filterwarnings("ignore:The '\\w+_dataloader' does not have many workers"),
-    pytest.mark.filterwarnings("ignore:The number of training batches"),
-    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
-    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
     # Small test models have layers narrower than a quantization group: QAT says which it skips.
     pytest.mark.filterwarnings("ignore:QuantizationAwareTraining leaves"),
 ]

@@ -238,7 +238,6 @@ class _RecordNumbers(pl.LightningModule):
 
 
 @pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
-@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 def test_lightning_sets_the_epoch_of_the_sampler() -> None:
     dm = make(high=199, val_size=10, test_size=10, batch_size=32, seed=1)
     model = _RecordNumbers()

@@ -34,20 +34,11 @@ TINY = {"d_model": 16, "num_heads": 4, "num_encoder_layers": 1, "num_decoder_lay
         "max_len": 12}
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`"),
     pytest.mark.filterwarnings("ignore:enable_nested_tensor is True"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and under ``pytest -n 2`` on two cores they
-    oversubscribe the CPUs (several times slower); use one thread here and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**kwargs) -> Seq2SeqTransformer:

@@ -29,12 +29,6 @@ from llmkit import VAE
 from llmkit.data import DigitsDataModule
 from llmkit.models.vae import gaussian_kl
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-    pytest.mark.filterwarnings("ignore:The '\\w+_dataloader' does not have many workers"),
-    pytest.mark.filterwarnings("ignore:The number of training batches"),
-]
-
 
 def digits_batch(n: int = 32, flat: bool = True) -> Tensor:
     data = DigitsDataModule(flatten=flat)

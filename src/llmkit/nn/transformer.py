@@ -8,7 +8,7 @@ the stack. Parameter names follow ``torch.nn.Transformer``'s where they mean the
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -147,6 +147,11 @@ class DecoderLayer(nn.Module):
         return self.norm3(x + self.dropout3(self.feed_forward(x)))
 
 
+def _final_norm(d_model: int, *, norm_first: bool, eps: float) -> nn.LayerNorm | None:
+    # Pre-LN stacks end with a norm (their last residual sum is never normalised); post-LN ones do not.
+    return nn.LayerNorm(d_model, eps=eps) if norm_first else None
+
+
 class Encoder(nn.Module):
     """A stack of :class:`EncoderLayer` (with a final layer norm when pre-LN).
 
@@ -173,14 +178,12 @@ class Encoder(nn.Module):
         layer_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            EncoderLayer(
-                d_model=d_model, num_heads=num_heads, dim_feedforward=dim_feedforward, dropout=dropout,
-                activation=activation, norm_first=norm_first, layer_norm_eps=layer_norm_eps,
-            )
-            for _ in range(num_layers)
-        )
-        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if norm_first else None
+        layer_args: dict[str, Any] = {
+            "d_model": d_model, "num_heads": num_heads, "dim_feedforward": dim_feedforward, "dropout": dropout,
+            "activation": activation, "norm_first": norm_first, "layer_norm_eps": layer_norm_eps,
+        }
+        self.layers = nn.ModuleList(EncoderLayer(**layer_args) for _ in range(num_layers))
+        self.norm = _final_norm(d_model, norm_first=norm_first, eps=layer_norm_eps)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
         """``[B, S, D] -> [B, S, D]``; ``mask`` bool ``[B, 1, 1, S]``, True where allowed."""
@@ -244,14 +247,12 @@ class Decoder(nn.Module):
         layer_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            DecoderLayer(
-                d_model=d_model, num_heads=num_heads, dim_feedforward=dim_feedforward, dropout=dropout,
-                activation=activation, norm_first=norm_first, layer_norm_eps=layer_norm_eps,
-            )
-            for _ in range(num_layers)
-        )
-        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if norm_first else None
+        layer_args: dict[str, Any] = {
+            "d_model": d_model, "num_heads": num_heads, "dim_feedforward": dim_feedforward, "dropout": dropout,
+            "activation": activation, "norm_first": norm_first, "layer_norm_eps": layer_norm_eps,
+        }
+        self.layers = nn.ModuleList(DecoderLayer(**layer_args) for _ in range(num_layers))
+        self.norm = _final_norm(d_model, norm_first=norm_first, eps=layer_norm_eps)
 
     def _layers(self) -> list[DecoderLayer]:
         return [cast(DecoderLayer, layer) for layer in self.layers]
