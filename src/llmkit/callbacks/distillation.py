@@ -19,30 +19,11 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from llmkit._logging import WindowedMeans
+from llmkit._outputs import aligned_targets, default_logits
 
 LOSSES = ("kl", "reverse_kl", "mse")
 LAYER_LOSSES = ("mse", "cosine")
-_TARGET_KEYS = ("labels", "label", "targets", "target", "tgt", "y")
 _PROJECTIONS = "kd_projections"
-
-
-def default_logits(output: Any) -> Tensor:
-    """The logits in a forward's output.
-
-    The output itself if it is a tensor, else the first item of a tuple/list, the ``"logits"``
-    entry of a mapping, or a ``.logits`` attribute (Hugging Face style).
-    """
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        return output[0]
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
-        return output["logits"]
-    if isinstance(getattr(output, "logits", None), Tensor):
-        return output.logits
-    raise TypeError(
-        f"cannot find logits in a forward output of type {type(output).__name__}; pass `logits_fn` to pick them"
-    )
 
 
 def distillation_loss(
@@ -397,17 +378,9 @@ class KnowledgeDistillation(L.Callback):
     def _mask(self, batch: Any, logits: Tensor) -> Tensor | None:
         if self.ignore_index is None and self.target_fn is None:
             return None
-        tokens = logits.numel() // logits.shape[-1]
-        target = self.target_fn(batch) if self.target_fn is not None else _find_target(batch)
-        if target.numel() != tokens and target.ndim == 2 and target[:, 1:].numel() == tokens:
-            target = target[:, 1:]  # teacher forcing: the labels are the targets after the first
-        if target.numel() != tokens:
-            raise ValueError(
-                f"the targets {tuple(target.shape)} do not align with the logits {tuple(logits.shape)} "
-                "(one target per token); pass `target_fn`"
-            )
+        target = aligned_targets(batch, logits, self.target_fn)
         ignore = -100 if self.ignore_index is None else self.ignore_index
-        return (target != ignore).reshape(logits.shape[:-1])
+        return target != ignore
 
     def _layer_term(self, student: L.LightningModule) -> Tensor:
         projections = getattr(student, _PROJECTIONS, None)
@@ -442,16 +415,3 @@ class KnowledgeDistillation(L.Callback):
             if saved is not None and not math.isclose(saved, getattr(self, name)):
                 rank_zero_warn(f"KnowledgeDistillation resumes with {name}={getattr(self, name)}, saved with {saved}")
 
-
-def _find_target(batch: Any) -> Tensor:
-    if isinstance(batch, Mapping):
-        for key in _TARGET_KEYS:
-            if isinstance(batch.get(key), Tensor):
-                return batch[key]
-        raise ValueError(
-            f"cannot find the targets in a batch with keys {sorted(batch)} (looked for {_TARGET_KEYS}); "
-            "pass `target_fn`"
-        )
-    if isinstance(batch, tuple | list) and batch and isinstance(batch[-1], Tensor):
-        return batch[-1]
-    raise ValueError(f"cannot find the targets in a batch of type {type(batch).__name__}; pass `target_fn`")
