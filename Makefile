@@ -29,10 +29,12 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 -m "not slow"
 
 # The library's main job: train the English->French number translator on CPU, distil it into a
-# student a quarter of its size, quantize it to int4 weights (PTQ and QAT), and score them all.
+# student a quarter of its size, quantize it to int4 weights (PTQ and QAT), train it adversarially
+# and measure its robustness under attack, and score them all.
 demo: $(STAMP)
 	$(BIN)/python examples/distill_translator.py
 	$(BIN)/python examples/quantize_translator.py --model outputs/distill_translator/teacher.ckpt
+	$(BIN)/python examples/adversarial_translator.py --plain outputs/distill_translator/teacher.ckpt
 
 # The VAE on the bundled digits, with PNG grids under outputs/vae_digits.
 vae-demo: $(STAMP)
@@ -43,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/seq2seq.py
 	$(BIN)/python benchmarks/distillation.py
 	$(BIN)/python benchmarks/qat.py
+	$(BIN)/python benchmarks/adversarial.py
 	$(BIN)/python benchmarks/vae.py
 
 clean:

@@ -92,6 +92,24 @@ def test_quantize_translator(tmp_path):
     assert (tmp_path / "qat_8da4w.pt").exists() and (tmp_path / "fp32.ckpt").exists()
 
 
+def test_adversarial_translator(tmp_path):
+    out = run(
+        "adversarial_translator.py", "--high", "300", "--val-size", "32", "--test-size", "32", "--steps", "6",
+        "--timing-steps", "2", "--layers", "1", "--methods", "fgm", "pgd", "--output", str(tmp_path),
+    )
+    rows = re.findall(r"^\| (plain|fgm|fgsm|pgd-3|freelb-3) +\|(.*)\|\s+(\S+) \|\s+(\S+)x \|$", out, re.M)
+    assert [row[0] for row in rows] == ["plain", "fgm", "fgsm", "pgd-3", "freelb-3"], out
+    for name, cells, ms, ratio in rows:
+        bleu, clean, robust = (cell.strip() for cell in cells.split("|"))
+        if name in ("plain", "fgm", "pgd-3"):
+            assert 0.0 <= float(bleu) <= 1.0 and 0.0 <= float(robust) <= float(clean) <= 1.0
+        else:
+            assert bleu == clean == robust == "-"
+        assert float(ms) > 0 and float(ratio) > 0
+    assert re.search(r"^fgm: PGD-10 token accuracy [+-]\d", out, re.M) and re.search(r"^pgd: PGD-10", out, re.M)
+    assert {"plain.ckpt", "fgm.ckpt", "pgd.ckpt"} <= {path.name for path in tmp_path.iterdir()}
+
+
 def test_every_example_has_a_test():
     tested = set(re.findall(r'run\(\s*"([\w.]+)"', Path(__file__).read_text()))
     assert {path.name for path in EXAMPLES.glob("*.py")} <= tested, "an example in examples/ is not run by a test"

@@ -39,6 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from llmkit._outputs import aligned_targets, default_logits
 
 METHODS = ("fgm", "fgsm", "pgd", "freelb")
+OBJECTIVES = ("loss", "margin")
 NORMS = ("l2", "linf")
 TARGETS = ("embeddings", "inputs")
 _TINY = 1e-12
@@ -470,6 +471,10 @@ def attack(
     inputs: Sequence[str | int] | None = None,
     input_range: tuple[float, float] | None = None,
     forward_module: str | None = None,
+    objective: str = "loss",
+    logits_fn: Callable[[Any], Tensor] = default_logits,
+    target_fn: Callable[[Any], Tensor] | None = None,
+    ignore_index: int | None = None,
 ) -> AttackResult:
     """Attack ``model`` on ``batch`` with its weights fixed: the loss and outputs at the worst ``delta`` found.
 
@@ -494,6 +499,12 @@ def attack(
         input_range: ``(low, high)`` that perturbed inputs are clamped to.
         loss_fn: ``loss_fn(model, batch)`` returns the loss (or a dict with ``"loss"``) to maximise.
         forward_module: the submodule whose forward output is returned (``None``: the model's).
+        objective: what the attack maximises: ``"loss"``, the loss itself; or ``"margin"``, the
+            number of wrong tokens, through :func:`margin_loss` of the forward's logits and the
+            batch's targets (found as :meth:`AttackResult.accuracy` finds them). A loss-maximising
+            attack can pour its budget into a few tokens; the margin attack is the one to measure
+            robust accuracy with.
+        logits_fn, target_fn, ignore_index: for ``objective="margin"``, as in :meth:`AttackResult.accuracy`.
 
     Returns:
         :class:`AttackResult`: ``loss``/``clean_loss`` 0-d, ``output``/``clean_output`` as the
@@ -517,6 +528,8 @@ def attack(
     if steps is None:
         steps = 1 if method in ("fgm", "fgsm") else 10
     config = AttackConfig(method, epsilon, alpha, steps, norm, random_start)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown attack objective {objective!r}; choose one of {OBJECTIVES}")
     loss_fn = loss_fn or _default_loss(model)
     probe = model.get_submodule(forward_module) if forward_module else model
     perturbation = Perturbation(model, target, embeddings=embeddings, pad_id=pad_id, inputs=inputs,
@@ -537,33 +550,60 @@ def attack(
             batch = apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
             rng = RNGReplay(_device_of(model), random=config.starts_random)
 
-            def run(fresh: bool = False) -> tuple[Tensor, Any]:
+            def run(fresh: bool = False) -> tuple[Tensor, Tensor, Any]:
+                """(the objective, the loss, the forward's output) at the current ``delta``."""
                 rng.replay()
                 outputs.clear()
                 with perturbation.applied(batch, fresh=fresh) as perturbed:
                     loss = unwrap_loss(loss_fn(model, perturbed))
                 if loss is None:
                     raise ValueError("the loss function returned None for this batch")
-                return loss, outputs[0] if outputs else None
+                output = outputs[0] if outputs else None
+                if objective == "loss":
+                    return loss, loss, output
+                if output is None:
+                    raise RuntimeError("objective='margin' needs the logits, but the loss did not call the forward")
+                logits = logits_fn(output)
+                return margin_loss(logits, aligned_targets(batch, logits, target_fn), ignore_index), loss, output
 
             if config.starts_random:
                 with torch.no_grad():
-                    clean_loss, clean_output = run(fresh=True)
+                    _, clean_loss, clean_output = run(fresh=True)
                 perturbation.random_start(config, rng.generator)
-                loss, _ = run()
+                goal, _, _ = run()
             else:
-                clean_loss, clean_output = run(fresh=True)
-                loss = clean_loss
+                goal, clean_loss, clean_output = run(fresh=True)
             for index in range(config.steps):
-                grads = _delta_grads(loss, perturbation.deltas)
+                grads = _delta_grads(goal, perturbation.deltas)
                 perturbation.step(grads, config, config.step_size)
                 with torch.no_grad() if index == config.steps - 1 else contextlib.nullcontext():
-                    loss, output = run()
+                    goal, loss, output = run()
     finally:
         handle.remove()
         perturbation.remove()
     final = [(d if m is None else d * m).detach() for d, m in zip(perturbation.deltas, perturbation.masks, strict=True)]
     return AttackResult(loss.detach(), clean_loss.detach(), _detach(output), _detach(clean_output), final)
+
+
+def margin_loss(logits: Tensor, target: Tensor, ignore_index: int | None = None) -> Tensor:
+    """Mean over tokens of ``-max(z_y - max_{j != y} z_j, 0)``: maximised, it makes tokens wrong.
+
+    Carlini and Wagner's margin, clamped at zero: a token already predicted wrong adds no
+    gradient, so an attack's budget moves on to the tokens still right.
+
+    Args:
+        logits: ``[..., V]``.
+        target: ``[...]`` class ids; ``ignore_index`` positions do not count.
+
+    Returns:
+        A 0-d tensor, ``<= 0``; ``0`` when every counted token is wrong.
+    """
+    keep = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    safe = target.masked_fill(~keep, 0).unsqueeze(-1)
+    true = logits.gather(-1, safe).squeeze(-1)
+    other = logits.scatter(-1, safe, float("-inf")).amax(-1)
+    margins = (true - other).clamp(min=0).masked_fill(~keep, 0.0)
+    return -margins.sum() / keep.sum().clamp_min(1)
 
 
 def _require_grad(params: list[nn.Parameter]) -> None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from llmkit import VAE
-from llmkit.adversarial import attack
+from llmkit.adversarial import attack, margin_loss
 from llmkit.callbacks import (
     AdversarialTraining,
     KnowledgeDistillation,
@@ -236,6 +236,28 @@ def test_attack_stays_in_the_ball_skips_padding_and_fixes_weights(method, norm):
     assert not model.emb._forward_hooks
 
 
+def test_margin_loss_closed_form():
+    logits = torch.tensor([[[3.0, 1.0, 0.0], [0.0, 2.0, 5.0], [1.0, 1.5, 0.0]]])
+    target = torch.tensor([[0, 1, 2]])
+    # margins: 3 - 1 = 2 (right), 2 - 5 < 0 (wrong: 0), position 3 ignored
+    assert float(margin_loss(logits, target, ignore_index=2)) == pytest.approx(-2.0 / 2)
+    assert float(margin_loss(logits, target)) == pytest.approx(-2.0 / 3)
+
+
+def test_the_margin_attack_flips_more_tokens_than_the_loss_attack():
+    torch.manual_seed(0)
+    model = translator()
+    trainer(max_steps=30).fit(model, loader([seq2seq_batch()] * 30))
+    model.eval()
+    results = {
+        objective: attack(model, seq2seq_batch(), epsilon=2.0, steps=10, objective=objective, ignore_index=0)
+        for objective in ("loss", "margin")
+    }
+    correct = {k: int(r.accuracy(seq2seq_batch(), ignore_index=0)[0]) for k, r in results.items()}
+    clean = int(results["loss"].accuracy(seq2seq_batch(), ignore_index=0, clean=True)[0])
+    assert correct["margin"] <= correct["loss"] <= clean
+
+
 def test_pgd_finds_a_stronger_attack_than_fgm():
     torch.manual_seed(0)
     model = TokenClassifier().eval()
@@ -274,7 +296,7 @@ def test_robustness_evaluation_in_validation_equals_attack_by_hand():
     fit.fit(model, loader(batches), loader(batches))
     assert fit.validate_loop.inference_mode if hasattr(fit.validate_loop, "inference_mode") else True
     model.eval()
-    by_hand = attack(model, seq2seq_batch(), epsilon=1.0, steps=3)
+    by_hand = attack(model, seq2seq_batch(), epsilon=1.0, steps=3, objective="margin", ignore_index=0)
     correct, counted = by_hand.accuracy(seq2seq_batch(), ignore_index=0)
     clean_correct, _ = by_hand.accuracy(seq2seq_batch(), ignore_index=0, clean=True)
     metrics = fit.callback_metrics

@@ -262,8 +262,8 @@ class RobustnessEvaluation(L.Callback):
     """Report the loss and token accuracy under attack in validation, despite Lightning's ``inference_mode``.
 
     After each validation batch (up to ``limit_batches`` per epoch), runs :func:`llmkit.adversarial.attack`
-    with the module's weights fixed and logs ``val_robust_loss`` and ``val_robust_acc`` (and
-    ``val_clean_acc`` on the same tokens), as epoch means weighted by samples/tokens and synced
+    with the module's weights fixed and logs ``val_robust_loss`` (the module's loss at the attack's
+    perturbation) and ``val_robust_acc`` (and ``val_clean_acc`` on the same tokens), as epoch means weighted by samples/tokens and synced
     across processes. Lightning runs validation under ``torch.inference_mode()``, in which no
     gradient can be taken (Lightning issue #13948); the attack leaves it for its own passes and
     works on copies of the batch's tensors, so ``Trainer(inference_mode=True)`` (the default) is fine.
@@ -272,6 +272,8 @@ class RobustnessEvaluation(L.Callback):
         method, epsilon, alpha, steps, norm, random_start, target, embeddings, pad_id, inputs,
             input_range, loss_fn, forward_module: as :func:`llmkit.adversarial.attack`
             (default: PGD-10, l2, on the embeddings).
+        objective: what the attack maximises, ``"margin"`` (wrong tokens; the default with
+            ``accuracy``) or ``"loss"`` (the default without).
         accuracy: also log token accuracies; needs logits in the forward's output and targets in
             the batch (found as ``KnowledgeDistillation`` finds them, or ``target_fn``).
         ignore_index: target value that does not count (padding).
@@ -308,6 +310,7 @@ class RobustnessEvaluation(L.Callback):
         input_range: tuple[float, float] | None = None,
         loss_fn: Callable[[nn.Module, Any], Any] | None = None,
         forward_module: str | None = None,
+        objective: str | None = None,
         accuracy: bool = True,
         ignore_index: int | None = None,
         logits_fn: Callable[[Any], Tensor] = default_logits,
@@ -320,12 +323,18 @@ class RobustnessEvaluation(L.Callback):
         AttackConfig(method, epsilon, alpha, steps, norm, random_start)  # validates now, not in validation
         if target not in ("embeddings", "inputs"):
             raise ValueError(f"unknown adversarial target {target!r}; choose one of ('embeddings', 'inputs')")
+        objective = objective or ("margin" if accuracy else "loss")
+        if objective not in ("loss", "margin"):
+            raise ValueError(f"unknown attack objective {objective!r}; choose one of ('loss', 'margin')")
+        if objective == "margin" and not accuracy:
+            raise ValueError("objective='margin' attacks the accuracy, which accuracy=False does not measure")
         if limit_batches is not None and (isinstance(limit_batches, bool) or limit_batches < 1):
             raise ValueError(f"`limit_batches` must be None or >= 1, got {limit_batches!r}")
         self.attack_kwargs: dict[str, Any] = dict(
             method=method, epsilon=epsilon, alpha=alpha, steps=steps, norm=norm, random_start=random_start,
             target=target, embeddings=embeddings, pad_id=pad_id, inputs=inputs, input_range=input_range,
-            loss_fn=loss_fn, forward_module=forward_module,
+            loss_fn=loss_fn, forward_module=forward_module, objective=objective, logits_fn=logits_fn,
+            target_fn=target_fn, ignore_index=ignore_index,
         )
         self.accuracy, self.ignore_index, self.logits_fn, self.target_fn = accuracy, ignore_index, logits_fn, target_fn
         self.limit_batches, self.prefix = limit_batches, prefix
