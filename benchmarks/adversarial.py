@@ -6,7 +6,7 @@ its random start one more; PGD-k and FreeLB-k the clean pass, k - 1 ascent passe
 NumberWords task (batch 64), perturbing the embedding outputs; plain and adversarial runs
 interleaved round by round.
 
-    python benchmarks/adversarial.py [--steps 30] [--quick]
+    python benchmarks/adversarial.py [--steps 20] [--quick]
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def translator(data: NumberWordsDataModule, d_model: int) -> Seq2SeqTransformer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="steps per run")
+    parser.add_argument("--steps", type=int, default=20, help="steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each")
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 256], help="d_model of the translators")
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128], help="d_model of the translators")
     parser.add_argument("--quick", action="store_true", help="8 steps, 1 round")
     args = parser.parse_args()
     if args.quick:

@@ -64,6 +64,10 @@ class TokenClassifier(L.LightningModule):
         self.log("train_loss", loss)
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        ids, y = batch
+        self.log("val_loss", F.cross_entropy(self(ids), y), sync_dist=True)
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
@@ -258,6 +262,17 @@ def test_the_margin_attack_flips_more_tokens_than_the_loss_attack():
     assert correct["margin"] <= correct["loss"] <= clean
 
 
+def test_attack_inside_inference_mode_on_inference_tensors():
+    torch.manual_seed(0)
+    model = translator().eval()
+    with torch.inference_mode():
+        batch = {k: v.clone() for k, v in seq2seq_batch().items()}
+        result = attack(model, batch, epsilon=1.0, steps=2)
+    assert batch["src"].is_inference()
+    assert float(result.loss) > float(result.clean_loss)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_pgd_finds_a_stronger_attack_than_fgm():
     torch.manual_seed(0)
     model = TokenClassifier().eval()
@@ -352,6 +367,18 @@ def test_vae_with_fgsm_on_inputs():
     assert float(fit.callback_metrics["train_adv_loss"]) > 0
 
 
+def test_vae_with_qat_and_adversarial_inputs():
+    torch.manual_seed(0)
+    model = VAE(input_shape=(64,), latent_dim=4, hidden_dims=(32,))
+    data = DataLoader(TensorDataset(torch.rand(16, 64)), batch_size=8)
+    callbacks = [QuantizationAwareTraining(scheme="4w", group_size=32),
+                 AdversarialTraining("pgd", epsilon=0.1, steps=2, target="inputs", input_range=(0.0, 1.0))]
+    fit = trainer(max_steps=2, log_every_n_steps=1, callbacks=callbacks)
+    fit.fit(model, data)
+    assert torch.isfinite(fit.callback_metrics["train_adv_loss"])
+    assert model(torch.rand(2, 64)) is not None  # converted, still runs
+
+
 def test_bf16_mixed_precision():
     torch.manual_seed(0)
     fit = trainer(max_steps=2, precision="bf16-mixed", log_every_n_steps=1,
@@ -406,7 +433,11 @@ class RecordRank(L.Callback):
         self.batches.append([batch[0].tolist(), batch[1].tolist()])
 
     def on_train_end(self, trainer, pl_module):
-        record = {"batches": self.batches, "weights": {k: v.tolist() for k, v in pl_module.state_dict().items()}}
+        record = {
+            "batches": self.batches,
+            "weights": {k: v.tolist() for k, v in pl_module.state_dict().items()},
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")},
+        }
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -416,11 +447,14 @@ def test_ddp_spawn_two_processes_equal_one_process_on_the_whole_batch(tmp_path, 
     oracle = TokenClassifier()
     oracle.load_state_dict(model.state_dict())
     dataset = [(ids, y) for batch in token_batches(2, size=8) for ids, y in zip(*batch, strict=True)]
-    fit = trainer(devices=2, strategy=ddp_spawn, max_steps=2,
-                  callbacks=[AdversarialTraining("fgm", epsilon=0.8), RecordRank(str(tmp_path))])
-    fit.fit(model, DataLoader(dataset, batch_size=4))
+    robust = RobustnessEvaluation(epsilon=0.8, steps=2)
+    fit = trainer(devices=2, strategy=ddp_spawn, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0,
+                  callbacks=[AdversarialTraining("fgm", epsilon=0.8), robust, RecordRank(str(tmp_path))])
+    fit.fit(model, DataLoader(dataset, batch_size=4), DataLoader(dataset, batch_size=4))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]  # synced across the processes
+    assert 0.0 <= ranks[0]["metrics"]["val_robust_acc"] <= ranks[0]["metrics"]["val_clean_acc"] <= 1.0
     # One process on each step's 8 samples (both ranks' 4): DDP averages the ranks' gradients, the
     # gradient of the mean loss over the 8, since each sample's perturbation is its own.
     steps = [
@@ -462,6 +496,12 @@ def test_bad_arguments_of_evaluation_and_attack():
         RobustnessEvaluation(epsilon=0)
     with pytest.raises(ValueError, match="`limit_batches`"):
         RobustnessEvaluation(limit_batches=0)
+    with pytest.raises(ValueError, match="unknown attack objective 'error'"):
+        RobustnessEvaluation(objective="error")
+    with pytest.raises(ValueError, match="accuracy=False does not measure"):
+        RobustnessEvaluation(objective="margin", accuracy=False)
+    with pytest.raises(ValueError, match="unknown attack objective 'error'"):
+        attack(TokenClassifier(), token_batches(1)[0], objective="error")
     with pytest.raises(TypeError, match="no training_step: pass `loss_fn"):
         attack(nn.Embedding(3, 2), torch.tensor([[1]]))
 

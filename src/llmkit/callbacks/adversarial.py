@@ -182,7 +182,8 @@ class AdversarialTraining(L.Callback):
         original, module = self._original_training_step, self._module
         assert original is not None and module is not None
         perturbation = self._perturbation
-        if perturbation is None:  # training_step called outside Trainer.fit's loop
+        if perturbation is None or not _in_training_loop(module):
+            # Called outside the fit's training loop: by an attack in validation, or by hand.
             return original(*args, **kwargs)
         config, w = self.config, self.adv_weight
         batch = args[0] if args else kwargs.pop("batch")
@@ -360,6 +361,11 @@ class RobustnessEvaluation(L.Callback):
             name = f"{self.prefix}{'clean' if clean else 'robust'}_acc"
             pl_module.log(name, correct.float() / counted.clamp_min(1), on_step=False, on_epoch=True, sync_dist=True,
                           batch_size=int(counted))
+
+
+def _in_training_loop(module: L.LightningModule) -> bool:
+    trainer = module._trainer
+    return trainer is not None and bool(trainer.training)
 
 
 def _batch_size(batch: Any) -> int | None:

@@ -325,6 +325,10 @@ class KnowledgeDistillation(L.Callback):
 
     def _training_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self._original_training_step is not None
+        trainer = self._student._trainer
+        if trainer is None or not trainer.training:
+            # Called outside the fit's training loop (by an attack in validation, or by hand).
+            return self._original_training_step(*args, **kwargs)
         self._student_call, self._features = None, {}
         output = self._original_training_step(*args, **kwargs)
         if output is None:  # the student skipped this batch
