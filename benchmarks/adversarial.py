@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each")
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128], help="d_model of the translators")
+    parser.add_argument("--methods", nargs="+", default=[name for name, *_ in METHODS], help="rows to time")
     parser.add_argument("--quick", action="store_true", help="8 steps, 1 round")
     args = parser.parse_args()
     if args.quick:
@@ -55,18 +56,19 @@ def main() -> None:
           "3+3 layers, embeddings perturbed\n")
     print(f"| {'d_model, method':<26} | {'plain ms':>8} | {'adversarial ms':>14} | {'ratio':>6} | {'bound':>6} |")
     print(f"|{'-' * 28}|{'-' * 10}|{'-' * 16}|{'-' * 8}|{'-' * 8}|")
+    methods = [row for row in METHODS if row[0] in args.methods]
     for d_model in args.widths:
         plain: list[float] = []
-        times: dict[str, list[float]] = {name: [] for name, *_ in METHODS}
+        times: dict[str, list[float]] = {name: [] for name, *_ in methods}
         for _ in range(args.rounds):
             torch.manual_seed(0)
             plain += fit_step_ms(translator(data, d_model), data, args.steps, [])
-            for name, method, steps, _ in METHODS:
+            for name, method, steps, _ in methods:
                 torch.manual_seed(0)
                 callback = AdversarialTraining(method, epsilon=1.0, steps=steps)
                 times[name] += fit_step_ms(translator(data, d_model), data, args.steps, [callback])
         base = statistics.median(plain)
-        for name, _, _, bound in METHODS:
+        for name, _, _, bound in methods:
             ms = statistics.median(times[name])
             limit = f"{bound:5.1f}x" if bound else "     -"
             print(f"| {f'{d_model}, {name}':<26} | {base:8.1f} | {ms:14.1f} | {ms / base:5.2f}x | {limit} |")

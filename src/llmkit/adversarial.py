@@ -504,7 +504,9 @@ def attack(
             batch's targets (found as :meth:`AttackResult.accuracy` finds them). A loss-maximising
             attack can pour its budget into a few tokens; the margin attack is the one to measure
             robust accuracy with.
-        logits_fn, target_fn, ignore_index: for ``objective="margin"``, as in :meth:`AttackResult.accuracy`.
+        logits_fn: picks the logits from the forward's output (``objective="margin"``).
+        target_fn: gives the targets from the batch (``objective="margin"``; default: found).
+        ignore_index: target value that does not count, e.g. padding (``objective="margin"``).
 
     Returns:
         :class:`AttackResult`: ``loss``/``clean_loss`` 0-d, ``output``/``clean_output`` as the
@@ -593,7 +595,8 @@ def margin_loss(logits: Tensor, target: Tensor, ignore_index: int | None = None)
 
     Args:
         logits: ``[..., V]``.
-        target: ``[...]`` class ids; ``ignore_index`` positions do not count.
+        target: ``[...]`` class ids.
+        ignore_index: target value that does not count (``None``: every position counts).
 
     Returns:
         A 0-d tensor, ``<= 0``; ``0`` when every counted token is wrong.

@@ -40,8 +40,10 @@ class _AddGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> Any:
-        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads]
-        return (None, None, *grads)
+        present = [g for g in ctx.grads if g is not None]
+        if present:  # one multiplication per tensor, by the loss scale / accumulation factor
+            torch._foreach_mul_(present, grad_output.to(present[0].dtype))
+        return (None, None, *ctx.grads)
 
 
 class AdversarialTraining(L.Callback):
@@ -204,12 +206,15 @@ class AdversarialTraining(L.Callback):
             wanted = (perturbation.deltas if with_deltas else []) + (params if weight > 0 else [])
             if not wanted:
                 return []
-            grads: list[Tensor | None] = list(torch.autograd.grad(loss, wanted, allow_unused=True))
+            # The weight scales the loss, not each gradient: the deltas' steps do not depend on
+            # their gradient's scale (normalised or signs), so one multiplication serves both.
+            scaled = loss * weight if weight > 0 else loss
+            grads: list[Tensor | None] = list(torch.autograd.grad(scaled, wanted, allow_unused=True))
             delta_grads = grads[: len(perturbation.deltas)] if with_deltas else []
             for i, g in enumerate(grads[len(delta_grads):]):
                 if g is not None:
                     before = carried[i]
-                    carried[i] = g * weight if before is None else before + g * weight
+                    carried[i] = g if before is None else before.add_(g)
             return delta_grads
 
         # The clean pass: the clean term's gradient, and (without a random start) the first step's.
@@ -262,12 +267,13 @@ class AdversarialTraining(L.Callback):
 class RobustnessEvaluation(L.Callback):
     """Report the loss and token accuracy under attack in validation, despite Lightning's ``inference_mode``.
 
-    After each validation batch (up to ``limit_batches`` per epoch), runs :func:`llmkit.adversarial.attack`
-    with the module's weights fixed and logs ``val_robust_loss`` (the module's loss at the attack's
-    perturbation) and ``val_robust_acc`` (and ``val_clean_acc`` on the same tokens), as epoch means weighted by samples/tokens and synced
-    across processes. Lightning runs validation under ``torch.inference_mode()``, in which no
-    gradient can be taken (Lightning issue #13948); the attack leaves it for its own passes and
-    works on copies of the batch's tensors, so ``Trainer(inference_mode=True)`` (the default) is fine.
+    After each validation batch (up to ``limit_batches`` per epoch), runs
+    :func:`llmkit.adversarial.attack` with the module's weights fixed and logs ``val_robust_loss``
+    (the module's loss at the attack's perturbation) and ``val_robust_acc`` (and ``val_clean_acc``
+    on the same tokens), as epoch means weighted by samples/tokens and synced across processes.
+    Lightning runs validation under ``torch.inference_mode()``, in which no gradient can be taken
+    (Lightning issue #13948); the attack leaves it for its own passes and works on copies of the
+    batch's tensors, so ``Trainer(inference_mode=True)`` (the default) is fine.
 
     Args:
         method, epsilon, alpha, steps, norm, random_start, target, embeddings, pad_id, inputs,
