@@ -137,6 +137,11 @@ class AdversarialTraining(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "AdversarialTraining needs automatic optimization: with `automatic_optimization = False` the module "
+                "runs its own backward, which the callback cannot extend; use llmkit.adversarial.attack in it instead"
+            )
         # Wrap training_step on this instance, not the class: the module's code is unchanged.
         self._original_training_step = pl_module.training_step
         pl_module.training_step = self._training_step  # type: ignore[method-assign]
