@@ -55,7 +55,7 @@ class AttackConfig:
         alpha: step size (``None``: the method's default; unused by ``"fgm"``).
         steps: ascent steps, ``>= 1``, for ``"pgd"``/``"freelb"`` (``"fgm"``/``"fgsm"`` take 1).
         norm: ``"l2"`` or ``"linf"`` (``None``: ``"linf"`` for ``"fgsm"``, else ``"l2"``).
-        random_start: start from a uniform draw in the ball instead of zero (``None``: only
+        random_start: start from a random point of the ball instead of zero (``None``: only
             ``"fgsm"`` does, as its paper requires; a random start costs one more forward and
             backward pass, since the clean pass can no longer give the first step's gradient).
     """
@@ -152,7 +152,7 @@ class Perturbation:
         self._handles: list[RemovableHandle] = []
         if target == "embeddings":
             for module in _embeddings(model, embeddings):
-                self._handles.append(module.register_forward_hook(self._hook))
+                self._handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
 
     def remove(self) -> None:
         """Take the hooks off the model."""
@@ -178,17 +178,39 @@ class Perturbation:
                 f"the adversarial pass perturbed {self._calls} {self.target} sites, the clean pass {len(self.deltas)}; "
                 "the model must embed the same inputs on every pass"
             )
-        if fresh and not self.deltas:
+
+    def check_sites(self, batch: Any) -> None:
+        """After a fresh pass whose loss was not skipped: it perturbed something, one sample per row.
+
+        Raises:
+            RuntimeError: If no embedding ran (the loss does not go through the embeddings).
+            ValueError: If ``target="inputs"`` found no floating-point tensor in ``batch``, or the
+                perturbed tensors disagree on their first (batch) axis, as a learned position
+                embedding ``[1, T, D]`` or ``[T, D]`` does beside token embeddings ``[B, T, D]``.
+        """
+        if not self.deltas:
             if self.target == "embeddings":
                 raise RuntimeError("no embedding ran in this pass: the loss does not go through the embeddings")
             raise ValueError(self._no_float_input(batch))
+        sizes = [tuple(d.shape) for d in self.deltas]
+        if len({size[0] if size else None for size in sizes}) != 1 or not all(sizes):
+            raise ValueError(
+                f"the perturbed {self.target} have different first (batch) axes: {sizes}; budgets are per sample, so "
+                + ("name the token embeddings with `embeddings=[...]` (position embeddings have no batch axis)"
+                   if self.target == "embeddings" else "name the per-sample inputs with `inputs=[...]`")
+            )
+
+    def release(self) -> None:
+        """Drop the last attack's tensors (between steps)."""
+        self.deltas, self.masks, self.bases = [], [], []
 
     # -- embeddings --------------------------------------------------------------------------
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
         if not self._active:
             return None
-        return self._site(output, self._pad_mask(module, args[0], output))
+        ids = args[0] if args else kwargs.get("input")
+        return self._site(output, self._pad_mask(module, ids, output))
 
     def _pad_mask(self, module: nn.Module, ids: Any, output: Tensor) -> Tensor | None:
         pad = self.pad_id if self.pad_id is not None else getattr(module, "padding_idx", None)
@@ -199,10 +221,17 @@ class Perturbation:
     # -- inputs ------------------------------------------------------------------------------
 
     def _perturb_batch(self, batch: Any) -> Any:
+        if isinstance(batch, Tensor):
+            if not batch.is_floating_point() or self.input_keys not in (None, [0], (0,)):
+                return batch if not batch.is_floating_point() else self._bad_keys()
+            return self._input_site(batch)
         if self.input_keys is None:
             return apply_to_collection(batch, Tensor, lambda t: self._input_site(t) if t.is_floating_point() else t)
         perturbed: Any = dict(batch) if isinstance(batch, Mapping) else list(batch)
+        fields = getattr(batch, "_fields", ())
         for key in self.input_keys:
+            if isinstance(key, str) and key in fields:
+                key = fields.index(key)  # a named tuple's field
             try:
                 value = perturbed[key]
             except (KeyError, IndexError, TypeError):
@@ -210,7 +239,14 @@ class Perturbation:
             if not isinstance(value, Tensor) or not value.is_floating_point():
                 raise TypeError(f"the batch's {key!r} is not a floating-point tensor, so it cannot be perturbed")
             perturbed[key] = self._input_site(value)
-        return perturbed if isinstance(batch, Mapping | list) else type(batch)(perturbed)
+        if isinstance(batch, Mapping):
+            return perturbed if type(batch) is dict else _rebuild_mapping(batch, perturbed)
+        if isinstance(batch, list):
+            return perturbed
+        return type(batch)(*perturbed) if hasattr(batch, "_fields") else type(batch)(perturbed)
+
+    def _bad_keys(self) -> Any:
+        raise ValueError(f"the batch is one tensor; `inputs` must be None (or [0]), got {self.input_keys!r}")
 
     def _input_site(self, tensor: Tensor) -> Tensor:
         out = self._site(tensor, None)
@@ -246,7 +282,10 @@ class Perturbation:
     # -- steps on the ball -------------------------------------------------------------------
 
     def random_start(self, config: AttackConfig, generator: torch.Generator | None = None) -> None:
-        """Set ``delta`` to a uniform draw in the epsilon ball (masked at padding)."""
+        """Set ``delta`` to a random point of the epsilon ball (masked at padding).
+
+        linf: uniform in the cube; l2: a random direction at a radius uniform in ``[0, epsilon]``.
+        """
         eps = config.epsilon
         with torch.no_grad():
             draws = [
@@ -292,17 +331,19 @@ class Perturbation:
         return _sample_norms(self._masked([d.detach() for d in self.deltas]))
 
 
+def _rebuild_mapping(batch: Mapping[Any, Any], values: dict[Any, Any]) -> Any:
+    try:
+        return type(batch)(values)  # type: ignore[call-arg]
+    except TypeError:
+        return values
+
+
 def _sample_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """The l2 norm of each sample (axis 0) over all ``tensors``; one norm if their axis 0 differ."""
-    sizes = {t.shape[0] if t.ndim else 1 for t in tensors}
-    if len(sizes) == 1 and all(t.ndim >= 1 for t in tensors):
-        return torch.stack([t.float().pow(2).flatten(1).sum(1) for t in tensors]).sum(0).sqrt()
-    return torch.stack([t.float().pow(2).sum() for t in tensors]).sum().sqrt().reshape(1)
+    """The l2 norm of each sample (axis 0) over all ``tensors`` (checked to share axis 0)."""
+    return torch.stack([t.float().pow(2).flatten(1).sum(1) for t in tensors]).sum(0).sqrt()
 
 
 def _expand(per_sample: Tensor, like: Tensor) -> Tensor:
-    if per_sample.numel() == 1:
-        return per_sample.reshape(()).to(like.dtype)
     return per_sample.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
@@ -476,7 +517,7 @@ def attack(
     target_fn: Callable[[Any], Tensor] | None = None,
     ignore_index: int | None = None,
 ) -> AttackResult:
-    """Attack ``model`` on ``batch`` with its weights fixed: the loss and outputs at the worst ``delta`` found.
+    """Attack ``model`` on ``batch`` with its weights fixed: the loss and outputs at the attack's final ``delta``.
 
     Works inside ``torch.inference_mode`` (Lightning's validation): the attack leaves it for its
     own passes, on a copy of the batch's tensors. The model's mode (train/eval) is used as it is;
@@ -571,10 +612,12 @@ def attack(
             if config.starts_random:
                 with torch.no_grad():
                     _, clean_loss, clean_output = run(fresh=True)
+                perturbation.check_sites(batch)
                 perturbation.random_start(config, rng.generator)
                 goal, _, _ = run()
             else:
                 goal, clean_loss, clean_output = run(fresh=True)
+                perturbation.check_sites(batch)
             for index in range(config.steps):
                 grads = _delta_grads(goal, perturbation.deltas)
                 perturbation.step(grads, config, config.step_size)
@@ -614,10 +657,23 @@ def _require_grad(params: list[nn.Parameter]) -> None:
         p.requires_grad_(True)
 
 
+_NO_GRADIENT = (
+    "the loss does not depend on the perturbation (no gradient reaches it): does the loss run the perturbed "
+    "model, with its embeddings outside torch.no_grad()?"
+)
+
+
 def _delta_grads(loss: Tensor, deltas: list[Tensor]) -> list[Tensor | None]:
     if not loss.requires_grad:
-        raise RuntimeError("the loss does not depend on the perturbation: does the loss run the perturbed model?")
-    return list(torch.autograd.grad(loss, deltas, allow_unused=True))
+        raise RuntimeError(_NO_GRADIENT)
+    return check_delta_grads(list(torch.autograd.grad(loss, deltas, allow_unused=True)))
+
+
+def check_delta_grads(grads: list[Tensor | None]) -> list[Tensor | None]:
+    """``grads``, unless none of them reached its ``delta`` (then the attack could not move)."""
+    if grads and all(g is None for g in grads):
+        raise RuntimeError(_NO_GRADIENT)
+    return grads
 
 
 def _detach(output: Any) -> Any:

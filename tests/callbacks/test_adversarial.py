@@ -166,6 +166,68 @@ def test_training_equals_the_textbook_loop(method, norm, steps, w):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
 
 
+class SharedGradients(TokenClassifier):
+    """Parameters whose gradients autograd hands out shared (a + b) or expanded (a sum's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))
+        self.gate = nn.Parameter(torch.ones(4, 4))
+
+    def from_embeddings(self, e: Tensor, ids: Tensor) -> Tensor:
+        return super().from_embeddings(e, ids) + (self.a + self.b) + 1e-3 * self.gate.sum()
+
+
+def test_shared_and_expanded_gradients_equal_the_textbook_loop():
+    torch.manual_seed(0)
+    model, oracle = SharedGradients(), SharedGradients()
+    oracle.load_state_dict(model.state_dict())
+    batches = token_batches()
+    trainer(max_epochs=1, callbacks=[AdversarialTraining("freelb", epsilon=0.8, alpha=0.5, steps=2)]).fit(
+        model, loader(batches)
+    )
+    textbook_fit(oracle, batches, "freelb", 0.8, 0.5, 2, 0.5, "l2")
+    for key, value in oracle.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_the_module_logs_its_clean_pass_only():
+    fit = trainer(max_steps=2, log_every_n_steps=1, callbacks=[AdversarialTraining("pgd", epsilon=0.5, steps=2)])
+    fit.fit(TokenClassifier(), loader(token_batches(2)))
+    metrics = fit.callback_metrics
+    assert float(metrics["train_loss"]) == pytest.approx(float(metrics["train_clean_loss"]))
+
+
+def test_skipped_batches_and_interrupted_fits():
+    class SkipFirst(TokenClassifier):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 0 else super().training_step(batch, batch_idx)
+
+    class Outputs(L.Callback):
+        def __init__(self) -> None:
+            self.outputs = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.outputs.append(outputs)
+
+    record = Outputs()
+    trainer(max_epochs=1, callbacks=[AdversarialTraining("fgm", epsilon=0.5), record]).fit(
+        SkipFirst(), loader(token_batches(3))
+    )
+    assert not record.outputs[0] and all(torch.isfinite(out["loss"]) for out in record.outputs[1:])
+
+    class Interrupt(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            raise RuntimeError("interrupted")
+
+    model = TokenClassifier()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer(max_steps=3, callbacks=[AdversarialTraining("fgm", epsilon=0.5), Interrupt()]).fit(
+            model, loader(token_batches(3))
+        )
+    assert "training_step" not in vars(model) and not model.emb._forward_hooks
+
+
 def test_logs_clean_and_adversarial_losses_and_restores_the_module():
     model = TokenClassifier()
     fit = trainer(max_epochs=1, callbacks=[AdversarialTraining("fgm", epsilon=0.5)], log_every_n_steps=1)
@@ -538,6 +600,66 @@ def test_gradient_accumulation_equals_the_textbook_loop_on_the_merged_batch():
     textbook_fit(oracle, [merged], "pgd", 0.8, 0.8, 2, 0.5, "l2")
     for key, value in oracle.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+class LearnedPositions(TokenClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = nn.Embedding(5, DIM)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.from_embeddings(self.emb(ids) + self.positions(torch.arange(ids.shape[1])), ids)
+
+
+def test_position_embeddings_without_a_batch_axis_are_named_out():
+    fit = trainer(max_steps=1, callbacks=[AdversarialTraining("fgm")])
+    with pytest.raises(ValueError, match=r"different first \(batch\) axes: \[\(4, 5, 6\), \(5, 6\)\].*embeddings="):
+        fit.fit(LearnedPositions(), loader(token_batches(1)))
+    record = RecordLosses()
+    trainer(max_steps=1, callbacks=[AdversarialTraining("fgm", embeddings=["emb"]), record]).fit(
+        LearnedPositions(), loader(token_batches(1))
+    )
+    assert len(record.losses) == 1
+
+
+def test_an_attack_that_cannot_move_is_an_error():
+    class Frozen(TokenClassifier):
+        def forward(self, ids):
+            with torch.no_grad():
+                e = self.emb(ids)
+            return self.from_embeddings(e.detach(), ids)
+
+    with pytest.raises(RuntimeError, match="no gradient reaches it"):
+        trainer(max_steps=1, callbacks=[AdversarialTraining("fgm")]).fit(Frozen(), loader(token_batches(1)))
+
+
+def test_robustness_evaluation_checks_its_settings_before_training():
+    fit = trainer(max_steps=1, callbacks=[RobustnessEvaluation(forward_module="decoder")])
+    with pytest.raises(AttributeError, match="decoder"):
+        fit.fit(TokenClassifier(), loader(token_batches(1)))
+
+
+def test_inputs_of_a_named_tuple_batch():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", ["x", "y"])
+
+    class Regressor(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return F.mse_loss(self.net(batch.x).squeeze(-1), batch.y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    batches = [Pair(torch.rand(4, 4), torch.rand(4)) for _ in range(2)]
+    fit = trainer(max_steps=2, log_every_n_steps=1,
+                  callbacks=[AdversarialTraining("fgsm", epsilon=0.1, target="inputs", inputs=["x"])])
+    fit.fit(Regressor(), DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
+    assert float(fit.callback_metrics["train_adv_loss"]) >= 0
 
 
 def test_no_float_tensor_for_target_inputs():

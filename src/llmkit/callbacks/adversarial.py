@@ -19,7 +19,9 @@ from llmkit.adversarial import (
     Perturbation,
     RNGReplay,
     attack,
+    check_delta_grads,
     frozen_norm_statistics,
+    quiet_logging,
     unwrap_loss,
 )
 
@@ -34,16 +36,20 @@ class _AddGradients(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, value: Tensor, grads: list[Tensor | None], *params: Tensor) -> Tensor:
-        ctx.grads = grads
+    def forward(ctx: Any, value: Tensor, grads: list[Tensor | None], unscale: float, *params: Tensor) -> Tensor:
+        ctx.grads, ctx.unscale = grads, unscale
         return value.detach().clone()
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> Any:
-        present = [g for g in ctx.grads if g is not None]
-        if present:  # one multiplication per tensor, by the loss scale / accumulation factor
-            torch._foreach_mul_(present, grad_output.to(present[0].dtype))
-        return (None, None, *ctx.grads)
+        grads: list[Tensor | None] = list(ctx.grads)
+        index = [i for i, g in enumerate(grads) if g is not None]
+        if index:  # one multiplication per tensor, by the loss scale / accumulation factor
+            present = [grads[i] for i in index]
+            factor = grad_output.to(present[0].dtype) * ctx.unscale  # type: ignore[union-attr]
+            for i, g in zip(index, torch._foreach_mul(present, factor), strict=True):  # type: ignore[arg-type]
+                grads[i] = g
+        return (None, None, None, *grads)
 
 
 class AdversarialTraining(L.Callback):
@@ -63,7 +69,10 @@ class AdversarialTraining(L.Callback):
 
     Every pass of a step draws the same dropout masks; BatchNorm statistics change only on passes
     that are trained on; parameters' ``.grad`` is untouched until Lightning's backward; the model
-    stays in training mode. Logs ``train_clean_loss`` and ``train_adv_loss``.
+    stays in training mode. The module's ``self.log`` calls count its clean pass only (so its
+    ``train_loss`` is the clean loss); other side effects of its ``training_step`` (a torchmetrics
+    ``update``) happen on every pass. Under fp16 loss scaling the in-step gradients are taken of
+    the scaled loss. Logs ``train_clean_loss`` and ``train_adv_loss``.
 
     Args:
         method: ``"fgm"``, ``"fgsm"``, ``"pgd"`` or ``"freelb"``.
@@ -142,6 +151,9 @@ class AdversarialTraining(L.Callback):
                 "AdversarialTraining needs automatic optimization: with `automatic_optimization = False` the module "
                 "runs its own backward, which the callback cannot extend; use llmkit.adversarial.attack in it instead"
             )
+        wrapper = getattr(vars(pl_module).get("training_step"), "__self__", None)
+        if isinstance(wrapper, AdversarialTraining):
+            wrapper._unwrap(pl_module)  # left wrapped by an interrupted fit
         # Wrap training_step on this instance, not the class: the module's code is unchanged.
         self._original_training_step = pl_module.training_step
         pl_module.training_step = self._training_step  # type: ignore[method-assign]
@@ -160,8 +172,15 @@ class AdversarialTraining(L.Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage == "fit":
+            self._unwrap(pl_module)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # An interrupted fit does not tear down: leave the module as it was all the same.
+        self._unwrap(pl_module)
+
+    def _unwrap(self, pl_module: L.LightningModule) -> None:
         if self._perturbation is not None:
             self._perturbation.remove()
             self._perturbation = None
@@ -200,9 +219,17 @@ class AdversarialTraining(L.Callback):
 
         def run(*, fresh: bool = False) -> tuple[Tensor | None, Any]:
             rng.replay()
-            with perturbation.applied(batch, fresh=fresh) as perturbed:
+            # The module logs (and so shows) its clean pass; its other passes log nothing.
+            with perturbation.applied(batch, fresh=fresh) as perturbed, (
+                contextlib.nullcontext() if fresh else quiet_logging(module)
+            ):
                 output = original(perturbed, *rest, **kwargs)
             return unwrap_loss(output), output
+
+        # Under fp16 loss scaling, the gradients taken here are of the scaled loss (else they
+        # underflow), and divided back as they join Lightning's (scaled) backward.
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if (trainer := module._trainer) else None
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
         # Parameter gradients of passes before the last, weighted as in the objective.
         carried: list[Tensor | None] = [None] * len(params)
@@ -213,29 +240,34 @@ class AdversarialTraining(L.Callback):
                 return []
             # The weight scales the loss, not each gradient: the deltas' steps do not depend on
             # their gradient's scale (normalised or signs), so one multiplication serves both.
-            scaled = loss * weight if weight > 0 else loss
+            scaled = loss * (scale * weight if weight > 0 else scale)
             grads: list[Tensor | None] = list(torch.autograd.grad(scaled, wanted, allow_unused=True))
-            delta_grads = grads[: len(perturbation.deltas)] if with_deltas else []
+            delta_grads = check_delta_grads(grads[: len(perturbation.deltas)]) if with_deltas else []
             for i, g in enumerate(grads[len(delta_grads):]):
                 if g is not None:
                     before = carried[i]
-                    carried[i] = g if before is None else before.add_(g)
+                    carried[i] = g if before is None else before + g
             return delta_grads
 
         # The clean pass: the clean term's gradient, and (without a random start) the first step's.
-        with torch.no_grad() if config.starts_random and w == 1.0 else contextlib.nullcontext():
+        # Not trained on (adv_weight=1), it changes no BatchNorm statistic; they are restored
+        # after the backward that reads them.
+        with contextlib.ExitStack() as clean_pass:
+            if w == 1.0:
+                clean_pass.enter_context(frozen_norm_statistics(module))
+                if config.starts_random:
+                    clean_pass.enter_context(torch.no_grad())
             clean, first_output = run(fresh=True)
-        if clean is None:  # the module skipped this batch
-            return first_output
+            if clean is None:  # the module skipped this batch
+                return first_output
+            perturbation.check_sites(batch)
+            grads = carry(clean, 1.0 - w, with_deltas=not config.starts_random)
         if config.starts_random:
-            carry(clean, 1.0 - w, with_deltas=False)
             perturbation.random_start(config, rng.generator)
-            with frozen_norm_statistics(module):  # restored after the backward that reads them
+            with frozen_norm_statistics(module):
                 loss, _ = run()
                 assert loss is not None
                 grads = carry(loss, 0.0, with_deltas=True)
-        else:
-            grads = carry(clean, 1.0 - w, with_deltas=True)
 
         adv_terms: list[Tensor] = []
         freelb = config.method == "freelb"
@@ -259,11 +291,13 @@ class AdversarialTraining(L.Callback):
         adv_weight = w / config.steps if freelb else w
         constant = (1.0 - w) * clean.detach() + adv_weight * sum(adv_terms, torch.zeros_like(adv.detach()))
         if any(g is not None for g in carried):
-            total = adv_weight * adv + _AddGradients.apply(constant, carried, *params)  # type: ignore[no-untyped-call]
+            injected = _AddGradients.apply(constant, carried, 1.0 / scale, *params)  # type: ignore[no-untyped-call]
+            total = adv_weight * adv + injected
         else:
             total = adv_weight * adv + constant
         adv_mean = (sum(adv_terms, adv.detach()) / (len(adv_terms) + 1)) if freelb else adv.detach()
         self._log.update(module, {"train_clean_loss": clean.detach(), "train_adv_loss": adv_mean})
+        perturbation.release()
         if isinstance(output, Mapping):
             return {**output, "loss": total}
         return total
@@ -350,6 +384,15 @@ class RobustnessEvaluation(L.Callback):
         )
         self.accuracy, self.ignore_index, self.logits_fn, self.target_fn = accuracy, ignore_index, logits_fn, target_fn
         self.limit_batches, self.prefix = limit_batches, prefix
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Settings checked now, not at the first validation after an epoch of training.
+        kwargs = self.attack_kwargs
+        if kwargs["forward_module"]:
+            pl_module.get_submodule(kwargs["forward_module"])
+        if kwargs["target"] == "embeddings":
+            Perturbation(pl_module, "embeddings", embeddings=kwargs["embeddings"]).remove()
 
     @override
     def on_validation_batch_end(

@@ -220,6 +220,11 @@ class KnowledgeDistillation(L.Callback):
             checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})["projections"] = projections
 
     @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # An interrupted fit does not tear down: leave the student as it was all the same.
+        self.teardown(trainer, pl_module, "fit")
+
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
