@@ -211,9 +211,10 @@ def test_skipped_batches_and_interrupted_fits():
             self.outputs.append(outputs)
 
     record = Outputs()
-    trainer(max_epochs=1, callbacks=[AdversarialTraining("fgm", epsilon=0.5), record]).fit(
-        SkipFirst(), loader(token_batches(3))
-    )
+    with pytest.warns(UserWarning, match="`training_step` returned `None`"):
+        trainer(max_epochs=1, callbacks=[AdversarialTraining("fgm", epsilon=0.5), record]).fit(
+            SkipFirst(), loader(token_batches(3))
+        )
     assert not record.outputs[0] and all(torch.isfinite(out["loss"]) for out in record.outputs[1:])
 
     class Interrupt(L.Callback):
