@@ -1,4 +1,4 @@
-"""Clocks shared by the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
+"""Clocks and the translator shared by the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as L
+
+from llmkit import Seq2SeqTransformer
+from llmkit.data import NumberWordsDataModule
 
 
 class StepTimer(L.Callback):
@@ -68,3 +71,11 @@ def median_ms(fn: Callable[[], object], runs: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def translator(data: NumberWordsDataModule, d_model: int, layers: int = 3) -> Seq2SeqTransformer:
+    """The benchmarks' NumberWords translator: ``layers`` encoder and decoder layers, 4 heads, FFN 4x."""
+    return Seq2SeqTransformer(
+        data.src_vocab_size, data.tgt_vocab_size, d_model=d_model, num_heads=4, num_encoder_layers=layers,
+        num_decoder_layers=layers, dim_feedforward=4 * d_model, dropout=0.05, max_len=32, lr=1e-3, warmup_steps=10,
+    )

@@ -16,9 +16,8 @@ import statistics
 import warnings
 
 import torch
-from _timing import fit_step_ms
+from _timing import fit_step_ms, translator
 
-from llmkit import Seq2SeqTransformer
 from llmkit.callbacks import AdversarialTraining
 from llmkit.data import NumberWordsDataModule
 
@@ -30,13 +29,6 @@ METHODS = (
     ("pgd-5", "pgd", 5, 6.2),
     ("freelb-3", "freelb", 3, 4.2),
 )
-
-
-def translator(data: NumberWordsDataModule, d_model: int) -> Seq2SeqTransformer:
-    return Seq2SeqTransformer(
-        data.src_vocab_size, data.tgt_vocab_size, d_model=d_model, num_heads=4, num_encoder_layers=3,
-        num_decoder_layers=3, dim_feedforward=4 * d_model, dropout=0.05, max_len=32, lr=1e-3, warmup_steps=10,
-    )
 
 
 def main() -> None:

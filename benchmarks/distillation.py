@@ -17,19 +17,12 @@ import statistics
 import warnings
 
 import torch
-from _timing import fit_step_ms
+from _timing import fit_step_ms, translator
 from torch.utils.flop_counter import FlopCounterMode
 
 from llmkit import Seq2SeqTransformer
 from llmkit.callbacks import KnowledgeDistillation
 from llmkit.data import NumberWordsDataModule
-
-
-def model(data: NumberWordsDataModule, d_model: int, layers: int) -> Seq2SeqTransformer:
-    return Seq2SeqTransformer(
-        data.src_vocab_size, data.tgt_vocab_size, d_model=d_model, num_heads=4, num_encoder_layers=layers,
-        num_decoder_layers=layers, dim_feedforward=4 * d_model, dropout=0.05, max_len=32, lr=1e-3, warmup_steps=10,
-    )
 
 
 def forward_flops(module: Seq2SeqTransformer, batch: dict[str, torch.Tensor]) -> int:
@@ -57,14 +50,14 @@ def main() -> None:
     print(f"|{'-' * 40}|{'-' * 9}|{'-' * 10}|{'-' * 12}|{'-' * 8}|{'-' * 10}|{'-' * 16}|")
     for (d_s, l_s), (d_t, l_t) in (((64, 3), (128, 3)), ((128, 2), (256, 4))):
         torch.manual_seed(0)
-        teacher = model(data, d_t, l_t)
-        flops = forward_flops(teacher, batch) / forward_flops(model(data, d_s, l_s), batch)
+        teacher = translator(data, d_t, l_t)
+        flops = forward_flops(teacher, batch) / forward_flops(translator(data, d_s, l_s), batch)
         alone: list[float] = []
         with_kd: list[float] = []
         for _ in range(args.rounds):
-            alone += fit_step_ms(model(data, d_s, l_s), data, args.steps, [])
+            alone += fit_step_ms(translator(data, d_s, l_s), data, args.steps, [])
             kd = KnowledgeDistillation(teacher, ignore_index=0)
-            with_kd += fit_step_ms(model(data, d_s, l_s), data, args.steps, [kd])
+            with_kd += fit_step_ms(translator(data, d_s, l_s), data, args.steps, [kd])
         ratio = statistics.median(with_kd) / statistics.median(alone)
         expected = 1 + flops / 3
         name = f"({d_s}, {l_s}+{l_s}) <- ({d_t}, {l_t}+{l_t})"

@@ -18,19 +18,11 @@ import statistics
 import warnings
 
 import torch
-from _timing import fit_step_ms, median_ms
+from _timing import fit_step_ms, median_ms, translator
 
-from llmkit import Seq2SeqTransformer
 from llmkit.callbacks import QuantizationAwareTraining
 from llmkit.callbacks.quantization import quantized_weight_bytes
 from llmkit.data import NumberWordsDataModule
-
-
-def translator(data: NumberWordsDataModule, d_model: int) -> Seq2SeqTransformer:
-    return Seq2SeqTransformer(
-        data.src_vocab_size, data.tgt_vocab_size, d_model=d_model, num_heads=4, num_encoder_layers=3,
-        num_decoder_layers=3, dim_feedforward=4 * d_model, dropout=0.05, max_len=32, lr=1e-3, warmup_steps=10,
-    )
 
 
 def main() -> None:

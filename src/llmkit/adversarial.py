@@ -107,6 +107,27 @@ class AttackConfig:
         return self.method == "fgsm" if self.random_start is None else bool(self.random_start)
 
 
+def resolve_steps(method: str, steps: int | None, default: int) -> int:
+    """``steps``, or where ``None``: 1 for the one-step methods (fgm, fgsm), else ``default``."""
+    if steps is not None:
+        return steps
+    return 1 if method in ("fgm", "fgsm") else default
+
+
+def check_target(target: str, input_range: tuple[float, float] | None = None) -> None:
+    """Raise ``ValueError`` for an unknown ``target`` or an empty ``input_range``."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown adversarial target {target!r}; choose one of {TARGETS}")
+    if input_range is not None and not (len(input_range) == 2 and input_range[0] < input_range[1]):
+        raise ValueError(f"`input_range` must be (low, high) with low < high, got {input_range!r}")
+
+
+def check_objective(objective: str) -> None:
+    """Raise ``ValueError`` for an unknown attack objective."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown attack objective {objective!r}; choose one of {OBJECTIVES}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Where the perturbation goes
 
@@ -139,10 +160,7 @@ class Perturbation:
         inputs: Sequence[str | int] | None = None,
         input_range: tuple[float, float] | None = None,
     ) -> None:
-        if target not in TARGETS:
-            raise ValueError(f"unknown adversarial target {target!r}; choose one of {TARGETS}")
-        if input_range is not None and not (len(input_range) == 2 and input_range[0] < input_range[1]):
-            raise ValueError(f"`input_range` must be (low, high) with low < high, got {input_range!r}")
+        check_target(target, input_range)
         self.target, self.pad_id, self.input_keys, self.input_range = target, pad_id, inputs, input_range
         self.deltas: list[Tensor] = []
         self.masks: list[Tensor | None] = []
@@ -222,8 +240,10 @@ class Perturbation:
 
     def _perturb_batch(self, batch: Any) -> Any:
         if isinstance(batch, Tensor):
-            if not batch.is_floating_point() or self.input_keys not in (None, [0], (0,)):
-                return batch if not batch.is_floating_point() else self._bad_keys()
+            if not batch.is_floating_point():
+                return batch  # nothing to perturb: check_sites says so
+            if self.input_keys not in (None, [0], (0,)):
+                raise ValueError(f"the batch is one tensor; `inputs` must be None (or [0]), got {self.input_keys!r}")
             return self._input_site(batch)
         if self.input_keys is None:
             return apply_to_collection(batch, Tensor, lambda t: self._input_site(t) if t.is_floating_point() else t)
@@ -244,9 +264,6 @@ class Perturbation:
         if isinstance(batch, list):
             return perturbed
         return type(batch)(*perturbed) if hasattr(batch, "_fields") else type(batch)(perturbed)
-
-    def _bad_keys(self) -> Any:
-        raise ValueError(f"the batch is one tensor; `inputs` must be None (or [0]), got {self.input_keys!r}")
 
     def _input_site(self, tensor: Tensor) -> Tensor:
         out = self._site(tensor, None)
@@ -325,10 +342,6 @@ class Perturbation:
 
     def _set(self, values: list[Tensor]) -> None:
         self.deltas = [v.detach().requires_grad_(True) for v in values]
-
-    def norms(self) -> Tensor:
-        """Per-sample norm of the current perturbation, in the configured norm's sense (l2 here)."""
-        return _sample_norms(self._masked([d.detach() for d in self.deltas]))
 
 
 def _rebuild_mapping(batch: Mapping[Any, Any], values: dict[Any, Any]) -> Any:
@@ -568,11 +581,8 @@ def attack(
         >>> bool(result.perturbation[0].flatten(1).norm(dim=1).max() <= 0.5 + 1e-6)
         True
     """
-    if steps is None:
-        steps = 1 if method in ("fgm", "fgsm") else 10
-    config = AttackConfig(method, epsilon, alpha, steps, norm, random_start)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown attack objective {objective!r}; choose one of {OBJECTIVES}")
+    config = AttackConfig(method, epsilon, alpha, resolve_steps(method, steps, 10), norm, random_start)
+    check_objective(objective)
     loss_fn = loss_fn or _default_loss(model)
     probe = model.get_submodule(forward_module) if forward_module else model
     perturbation = Perturbation(model, target, embeddings=embeddings, pad_id=pad_id, inputs=inputs,

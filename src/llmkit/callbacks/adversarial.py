@@ -20,8 +20,11 @@ from llmkit.adversarial import (
     RNGReplay,
     attack,
     check_delta_grads,
+    check_objective,
+    check_target,
     frozen_norm_statistics,
     quiet_logging,
+    resolve_steps,
     unwrap_loss,
 )
 
@@ -123,15 +126,10 @@ class AdversarialTraining(L.Callback):
         inputs: Sequence[str | int] | None = None,
         input_range: tuple[float, float] | None = None,
     ) -> None:
-        if steps is None:
-            steps = 1 if method in ("fgm", "fgsm") else 3
-        self.config = AttackConfig(method, epsilon, alpha, steps, norm, random_start)
+        self.config = AttackConfig(method, epsilon, alpha, resolve_steps(method, steps, 3), norm, random_start)
         if isinstance(adv_weight, bool) or not 0.0 < adv_weight <= 1.0:
             raise ValueError(f"`adv_weight` must be in (0, 1], got {adv_weight!r}")
-        if target not in ("embeddings", "inputs"):
-            raise ValueError(f"unknown adversarial target {target!r}; choose one of ('embeddings', 'inputs')")
-        if input_range is not None and not (len(input_range) == 2 and input_range[0] < input_range[1]):
-            raise ValueError(f"`input_range` must be (low, high) with low < high, got {input_range!r}")
+        check_target(target, input_range)
         self.target, self.adv_weight = target, float(adv_weight)
         self.embeddings, self.pad_id, self.inputs, self.input_range = embeddings, pad_id, inputs, input_range
         self._perturbation: Perturbation | None = None
@@ -364,14 +362,11 @@ class RobustnessEvaluation(L.Callback):
         limit_batches: int | None = None,
         prefix: str = "val_",
     ) -> None:
-        if steps is None:
-            steps = 1 if method in ("fgm", "fgsm") else 10
+        steps = resolve_steps(method, steps, 10)
         AttackConfig(method, epsilon, alpha, steps, norm, random_start)  # validates now, not in validation
-        if target not in ("embeddings", "inputs"):
-            raise ValueError(f"unknown adversarial target {target!r}; choose one of ('embeddings', 'inputs')")
+        check_target(target, input_range)
         objective = objective or ("margin" if accuracy else "loss")
-        if objective not in ("loss", "margin"):
-            raise ValueError(f"unknown attack objective {objective!r}; choose one of ('loss', 'margin')")
+        check_objective(objective)
         if objective == "margin" and not accuracy:
             raise ValueError("objective='margin' attacks the accuracy, which accuracy=False does not measure")
         if limit_batches is not None and (isinstance(limit_batches, bool) or limit_batches < 1):
