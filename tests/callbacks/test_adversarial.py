@@ -636,7 +636,7 @@ def test_an_attack_that_cannot_move_is_an_error():
 
 def test_robustness_evaluation_checks_its_settings_before_training():
     fit = trainer(max_steps=1, callbacks=[RobustnessEvaluation(forward_module="decoder")])
-    with pytest.raises(AttributeError, match="decoder"):
+    with pytest.raises(ValueError, match=r"no module named 'decoder' \(`forward_module`\)"):
         fit.fit(TokenClassifier(), loader(token_batches(1)))
 
 

@@ -233,8 +233,9 @@ def test_intermediate_layers_with_a_learned_projection(tmp_path):
     record = RecordLosses()
     fit = trainer(max_steps=4, callbacks=[kd, checkpoint, record], enable_checkpointing=True)
     fit.fit(student, classification_data())
-    projection = student.kd_projections["0"]
+    projection = kd.projections["0"]
     assert (projection.in_features, projection.out_features) == (8, 32)
+    assert not hasattr(student, "kd_projections")  # a child of the student during fit only
     optimized = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
     assert {id(p) for p in projection.parameters()} <= optimized
     assert "train_layer_loss" in fit.callback_metrics
@@ -242,7 +243,9 @@ def test_intermediate_layers_with_a_learned_projection(tmp_path):
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert not any(key.startswith("kd_projections") for key in saved["state_dict"])
     stored = next(v for k, v in saved["callbacks"].items() if "KnowledgeDistillation" in k)["projections"]
-    torch.testing.assert_close(stored["kd_projections.0.weight"], projection.weight)
+    torch.testing.assert_close(stored["0.weight"], projection.weight)
+    fresh = Classifier(width=8)
+    fresh.load_state_dict(student.state_dict())  # strictly: the distilled student loads on its own
 
 
 class ExpectLayerLoss(L.Callback):
@@ -356,7 +359,12 @@ def test_bf16_mixed_runs_the_teacher_under_autocast():
     [
         ({"alpha": 1.5}, ValueError, "`alpha` must be in \\[0, 1\\], got 1.5"),
         ({"alpha": -0.1}, ValueError, "`alpha` must be in \\[0, 1\\], got -0.1"),
-        ({"temperature": 0.0}, ValueError, "`temperature` must be > 0, got 0.0"),
+        ({"temperature": 0.0}, ValueError, "`temperature` must be a finite number > 0, got 0.0"),
+        ({"temperature": float("inf")}, ValueError, "`temperature` must be a finite number > 0, got inf"),
+        ({"temperature": float("nan")}, ValueError, "`temperature` must be a finite number > 0, got nan"),
+        ({"alpha": float("nan")}, ValueError, "`alpha` must be in \\[0, 1\\], got nan"),
+        ({"layer_weight": float("inf")}, ValueError, "`layer_weight` must be a finite number >= 0, got inf"),
+        ({"layers": "net.0"}, TypeError, "`layers` must map student module names to teacher module names"),
         ({"loss": "js"}, ValueError, "`loss` must be one of \\('kl', 'reverse_kl', 'mse'\\), got 'js'"),
         ({"layer_loss": "l1"}, ValueError, "`layer_loss` must be one of \\('mse', 'cosine'\\), got 'l1'"),
     ],
@@ -375,7 +383,7 @@ def test_missing_checkpoint_and_wrong_teacher_type(tmp_path):
 
 def test_unknown_module_name_suggests_close_ones():
     kd = KnowledgeDistillation(Classifier(), layers={"net.00": "net.0"})
-    with pytest.raises(ValueError, match=r"the student has no module named 'net\.00'; did you mean 'net\.0'"):
+    with pytest.raises(ValueError, match=r"the student has no module named 'net\.00' \(`layers`\); did you mean 'net\.0'"):
         trainer(max_steps=1, callbacks=[kd]).fit(Classifier(), classification_data())
 
 

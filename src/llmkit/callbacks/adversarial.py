@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from llmkit._logging import WindowedMeans
-from llmkit._outputs import default_logits
+from llmkit._outputs import default_logits, forward_module_name
 from llmkit.adversarial import (
     AttackConfig,
     Perturbation,
@@ -27,6 +27,7 @@ from llmkit.adversarial import (
     resolve_steps,
     unwrap_loss,
 )
+from llmkit.callbacks._composition import ADVERSARIAL, ATTACK, CLEAN, ComposingCallback, Composition
 
 
 class _AddGradients(torch.autograd.Function):
@@ -55,7 +56,7 @@ class _AddGradients(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-class AdversarialTraining(L.Callback):
+class AdversarialTraining(ComposingCallback):
     r"""Train any LightningModule on adversarially perturbed embeddings or inputs, with no change to its code.
 
     ``callbacks=[AdversarialTraining("fgm", epsilon=1.0)]`` on a Trainer: the module's own
@@ -111,6 +112,8 @@ class AdversarialTraining(L.Callback):
         ['train_adv_loss', 'train_clean_loss']
     """
 
+    layer = 20
+
     def __init__(
         self,
         method: str = "fgm",
@@ -133,58 +136,11 @@ class AdversarialTraining(L.Callback):
         self.target, self.adv_weight = target, float(adv_weight)
         self.embeddings, self.pad_id, self.inputs, self.input_range = embeddings, pad_id, inputs, input_range
         self._perturbation: Perturbation | None = None
-        self._module: L.LightningModule | None = None
-        self._original_training_step: Callable[..., Any] | None = None
+        self._composition: Composition | None = None
         self._log = WindowedMeans(("train_clean_loss", "train_adv_loss"))
 
     # -----------------------------------------------------------------------------------------
     # Lightning hooks
-
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                "AdversarialTraining needs automatic optimization: with `automatic_optimization = False` the module "
-                "runs its own backward, which the callback cannot extend; use llmkit.adversarial.attack in it instead"
-            )
-        wrapper = getattr(vars(pl_module).get("training_step"), "__self__", None)
-        if isinstance(wrapper, AdversarialTraining):
-            wrapper._unwrap(pl_module)  # left wrapped by an interrupted fit
-        # Wrap training_step on this instance, not the class: the module's code is unchanged.
-        self._original_training_step = pl_module.training_step
-        pl_module.training_step = self._training_step  # type: ignore[method-assign]
-        self._module = pl_module
-        if self.target == "embeddings":
-            # Fails early (a model with no embedding); the hooks go on in on_fit_start, after
-            # every callback's setup, since QuantizationAwareTraining may swap modules there.
-            Perturbation(pl_module, self.target, embeddings=self.embeddings).remove()
-
-    @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._perturbation = Perturbation(
-            pl_module, self.target, embeddings=self.embeddings, pad_id=self.pad_id, inputs=self.inputs,
-            input_range=self.input_range,
-        )
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._unwrap(pl_module)
-
-    @override
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # An interrupted fit does not tear down: leave the module as it was all the same.
-        self._unwrap(pl_module)
-
-    def _unwrap(self, pl_module: L.LightningModule) -> None:
-        if self._perturbation is not None:
-            self._perturbation.remove()
-            self._perturbation = None
-        if self._original_training_step is not None and "training_step" in vars(pl_module):
-            delattr(pl_module, "training_step")
-        self._original_training_step = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -200,102 +156,172 @@ class AdversarialTraining(L.Callback):
             rank_zero_warn(f"AdversarialTraining resumes with other settings: {', '.join(changed)}")
 
     # -----------------------------------------------------------------------------------------
-    # The step
+    # Attaching to the module
 
-    def _training_step(self, *args: Any, **kwargs: Any) -> Any:
-        original, module = self._original_training_step, self._module
-        assert original is not None and module is not None
-        perturbation = self._perturbation
-        if perturbation is None or not _in_training_loop(module):
-            # Called outside the fit's training loop: by an attack in validation, or by hand.
-            return original(*args, **kwargs)
-        config, w = self.config, self.adv_weight
-        batch = args[0] if args else kwargs.pop("batch")
-        rest = args[1:]
-        rng = RNGReplay(module.device, random=config.starts_random)
-        params = [p for p in module.parameters() if p.requires_grad]
+    @override
+    def _attach(self, trainer: L.Trainer, pl_module: L.LightningModule, composition: Composition) -> None:
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "AdversarialTraining needs automatic optimization: with `automatic_optimization = False` the module "
+                "runs its own backward, which the callback cannot extend; use llmkit.adversarial.attack in it instead"
+            )
+        # After QuantizationAwareTraining's swaps (an earlier layer): the hooks land on the modules that run.
+        self._perturbation = Perturbation(
+            pl_module, self.target, embeddings=self.embeddings, pad_id=self.pad_id, inputs=self.inputs,
+            input_range=self.input_range,
+        )
+        self._composition = composition
+        composition.wrap_step(self.layer, self._training_step)
 
-        def run(*, fresh: bool = False) -> tuple[Tensor | None, Any]:
-            rng.replay()
-            # The module logs (and so shows) its clean pass; its other passes log nothing.
-            with perturbation.applied(batch, fresh=fresh) as perturbed, (
-                contextlib.nullcontext() if fresh else quiet_logging(module)
-            ):
-                output = original(perturbed, *rest, **kwargs)
-            return unwrap_loss(output), output
+    @override
+    def _detach(self, pl_module: L.LightningModule) -> None:
+        if self._perturbation is not None:
+            self._perturbation.remove()
+        self._perturbation = self._composition = None
 
+    def _training_step(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        assert self._perturbation is not None and self._composition is not None
+        return _AdversarialStep(self, self._perturbation, self._composition, inner, args, kwargs).run()
+
+
+class _AdversarialStep:
+    """One optimizer step of adversarial training, in named phases.
+
+    :meth:`clean_pass` (the clean loss, its parameter gradients and the first ascent direction),
+    :meth:`random_start` (where the method starts inside the ball), :meth:`ascend` (the attack's
+    steps; FreeLB trains on each), :meth:`final_pass` (the adversarial loss, left to Lightning's
+    backward) and :meth:`combine` (the loss returned, carrying the in-step gradients).
+    """
+
+    def __init__(
+        self, callback: AdversarialTraining, perturbation: Perturbation, composition: Composition,
+        inner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> None:
+        self.config, self.w, self.log = callback.config, callback.adv_weight, callback._log
+        self.perturbation, self.composition, self.inner = perturbation, composition, inner
+        module = self.module = composition.module
+        kwargs = dict(kwargs)
+        self.batch = args[0] if args else kwargs.pop("batch")
+        self.rest, self.kwargs = args[1:], kwargs
+        self.rng = RNGReplay(module.device, random=self.config.starts_random)
+        self.params = [p for p in module.parameters() if p.requires_grad]
         # Under fp16 loss scaling, the gradients taken here are of the scaled loss (else they
         # underflow), and divided back as they join Lightning's (scaled) backward.
-        scaler = getattr(trainer.precision_plugin, "scaler", None) if (trainer := module._trainer) else None
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
+        trainer = module._trainer
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+        self.scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         # Parameter gradients of passes before the last, weighted as in the objective.
-        carried: list[Tensor | None] = [None] * len(params)
+        self.carried: list[Tensor | None] = [None] * len(self.params)
+        self.delta_grads: list[Tensor | None] = []
+        self.adv_terms: list[Tensor] = []
 
-        def carry(loss: Tensor, weight: float, with_deltas: bool) -> list[Tensor | None]:
-            wanted = (perturbation.deltas if with_deltas else []) + (params if weight > 0 else [])
-            if not wanted:
-                return []
-            # The weight scales the loss, not each gradient: the deltas' steps do not depend on
-            # their gradient's scale (normalised or signs), so one multiplication serves both.
-            scaled = loss * (scale * weight if weight > 0 else scale)
-            grads: list[Tensor | None] = list(torch.autograd.grad(scaled, wanted, allow_unused=True))
-            delta_grads = check_delta_grads(grads[: len(perturbation.deltas)]) if with_deltas else []
-            for i, g in enumerate(grads[len(delta_grads):]):
-                if g is not None:
-                    before = carried[i]
-                    carried[i] = g if before is None else before + g
-            return delta_grads
+    def run(self) -> Any:
+        """The step: what ``training_step`` returns to Lightning."""
+        clean, first_output = self.clean_pass()
+        if clean is None:  # the module skipped this batch
+            return first_output
+        if self.config.starts_random:
+            self.random_start()
+        self.ascend()
+        adv, output = self.final_pass()
+        return self.combine(clean, adv, output)
 
-        # The clean pass: the clean term's gradient, and (without a random start) the first step's.
-        # Not trained on (adv_weight=1), it changes no BatchNorm statistic; they are restored
-        # after the backward that reads them.
-        with contextlib.ExitStack() as clean_pass:
+    # -- the passes ----------------------------------------------------------------------------
+
+    def _pass(self, kind: str, *, fresh: bool = False) -> tuple[Tensor | None, Any]:
+        """The module's own step on the current perturbation; it logs its clean pass only."""
+        self.rng.replay()
+        with self.perturbation.applied(self.batch, fresh=fresh) as perturbed, self.composition.pass_of(kind), (
+            contextlib.nullcontext() if kind == CLEAN else quiet_logging(self.module)
+        ):
+            output = self.inner(perturbed, *self.rest, **self.kwargs)
+        return unwrap_loss(output), output
+
+    def _carry(self, loss: Tensor, weight: float, *, with_deltas: bool, retain: bool = False) -> None:
+        """Take ``weight * loss``'s parameter gradients into :attr:`carried`, and the deltas' gradients."""
+        deltas = self.perturbation.deltas if with_deltas else []
+        wanted = deltas + (self.params if weight > 0 else [])
+        if not wanted:
+            self.delta_grads = []
+            return
+        # The weight scales the loss, not each gradient: the deltas' steps do not depend on their
+        # gradient's scale (normalised or signs), so one multiplication serves both.
+        scaled = loss * (self.scale * weight if weight > 0 else self.scale)
+        grads: list[Tensor | None] = list(torch.autograd.grad(scaled, wanted, allow_unused=True, retain_graph=retain))
+        self.delta_grads = check_delta_grads(grads[: len(deltas)]) if with_deltas else []
+        for i, g in enumerate(grads[len(deltas):]):
+            if g is not None:
+                before = self.carried[i]
+                self.carried[i] = g if before is None else before + g
+
+    def clean_pass(self) -> tuple[Tensor | None, Any]:
+        """The clean loss; its gradient (weight ``1 - w``) and, without a random start, the first step's.
+
+        Not trained on (``adv_weight=1``), it changes no BatchNorm statistic. Its graph is kept
+        when an outer layer (distillation) reads the clean pass's outputs after this step.
+        """
+        config, w, keep = self.config, self.w, self.composition.keep_clean_graph
+        with contextlib.ExitStack() as stack:
             if w == 1.0:
-                clean_pass.enter_context(frozen_norm_statistics(module))
-                if config.starts_random:
-                    clean_pass.enter_context(torch.no_grad())
-            clean, first_output = run(fresh=True)
-            if clean is None:  # the module skipped this batch
-                return first_output
-            perturbation.check_sites(batch)
-            grads = carry(clean, 1.0 - w, with_deltas=not config.starts_random)
-        if config.starts_random:
-            perturbation.random_start(config, rng.generator)
-            with frozen_norm_statistics(module):
-                loss, _ = run()
-                assert loss is not None
-                grads = carry(loss, 0.0, with_deltas=True)
+                stack.enter_context(frozen_norm_statistics(self.module))
+                if config.starts_random and not keep:
+                    stack.enter_context(torch.no_grad())
+            clean, output = self._pass(CLEAN, fresh=True)
+            if clean is None:
+                return None, output
+            self.perturbation.check_sites(self.batch)
+            if clean.requires_grad:
+                self._carry(clean, 1.0 - w, with_deltas=not config.starts_random, retain=keep)
+        return clean, output
 
-        adv_terms: list[Tensor] = []
-        freelb = config.method == "freelb"
+    def random_start(self) -> None:
+        """Start from a random point of the ball; the attack's pass there gives the first step's direction."""
+        self.perturbation.random_start(self.config, self.rng.generator)
+        with frozen_norm_statistics(self.module):
+            loss, _ = self._pass(ATTACK)
+            assert loss is not None
+            self._carry(loss, 0.0, with_deltas=True)
+
+    def ascend(self) -> None:
+        """The attack's steps before the last; FreeLB trains on each, PGD's change no statistic."""
+        config = self.config
         for _ in range(config.steps - 1):
-            perturbation.step(grads, config, config.step_size)
-            if freelb:  # FreeLB trains on every ascent step
-                loss, _ = run()
+            self.perturbation.step(self.delta_grads, config, config.step_size)
+            if config.method == "freelb":
+                loss, _ = self._pass(ADVERSARIAL)
                 assert loss is not None
-                adv_terms.append(loss.detach())
-                grads = carry(loss, w / config.steps, with_deltas=True)
-            else:  # PGD only on its last: the others are the attack's, and change no statistic
-                with frozen_norm_statistics(module):
-                    loss, _ = run()
+                self.adv_terms.append(loss.detach())
+                self._carry(loss, self.w / config.steps, with_deltas=True)
+            else:
+                with frozen_norm_statistics(self.module):
+                    loss, _ = self._pass(ATTACK)
                     assert loss is not None
-                    grads = carry(loss, 0.0, with_deltas=True)
-        perturbation.step(grads, config, config.step_size)
-        for d in perturbation.deltas:
+                    self._carry(loss, 0.0, with_deltas=True)
+
+    def final_pass(self) -> tuple[Tensor, Any]:
+        """The last step, then the adversarial loss, whose backward is Lightning's."""
+        self.perturbation.step(self.delta_grads, self.config, self.config.step_size)
+        for d in self.perturbation.deltas:
             d.requires_grad_(False)
-        adv, output = run()
+        adv, output = self._pass(ADVERSARIAL)
         assert adv is not None
-        adv_weight = w / config.steps if freelb else w
-        constant = (1.0 - w) * clean.detach() + adv_weight * sum(adv_terms, torch.zeros_like(adv.detach()))
-        if any(g is not None for g in carried):
-            injected = _AddGradients.apply(constant, carried, 1.0 / scale, *params)  # type: ignore[no-untyped-call]
+        return adv, output
+
+    def combine(self, clean: Tensor, adv: Tensor, output: Any) -> Any:
+        """``(1 - w) clean + w adv`` (FreeLB: ``w`` times the mean over its steps), carrying the in-step gradients."""
+        w, freelb = self.w, self.config.method == "freelb"
+        adv_weight = w / self.config.steps if freelb else w
+        constant = (1.0 - w) * clean.detach() + adv_weight * sum(self.adv_terms, torch.zeros_like(adv.detach()))
+        if any(g is not None for g in self.carried):
+            injected = _AddGradients.apply(  # type: ignore[no-untyped-call]
+                constant, self.carried, 1.0 / self.scale, *self.params
+            )
             total = adv_weight * adv + injected
         else:
             total = adv_weight * adv + constant
-        adv_mean = (sum(adv_terms, adv.detach()) / (len(adv_terms) + 1)) if freelb else adv.detach()
-        self._log.update(module, {"train_clean_loss": clean.detach(), "train_adv_loss": adv_mean})
-        perturbation.release()
+        adv_mean = (sum(self.adv_terms, adv.detach()) / (len(self.adv_terms) + 1)) if freelb else adv.detach()
+        self.log.update(self.module, {"train_clean_loss": clean.detach(), "train_adv_loss": adv_mean})
+        self.perturbation.release()
         if isinstance(output, Mapping):
             return {**output, "loss": total}
         return total
@@ -379,13 +405,15 @@ class RobustnessEvaluation(L.Callback):
         )
         self.accuracy, self.ignore_index, self.logits_fn, self.target_fn = accuracy, ignore_index, logits_fn, target_fn
         self.limit_batches, self.prefix = limit_batches, prefix
+        self._forward_name: str | None = forward_module
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Settings checked now, not at the first validation after an epoch of training.
         kwargs = self.attack_kwargs
-        if kwargs["forward_module"]:
-            pl_module.get_submodule(kwargs["forward_module"])
+        if self.accuracy or kwargs["forward_module"]:
+            # The logits come from this module's forward (found as KnowledgeDistillation finds it).
+            self._forward_name = forward_module_name(pl_module, kwargs["forward_module"], role="module") or None
         if kwargs["target"] == "embeddings":
             Perturbation(pl_module, "embeddings", embeddings=kwargs["embeddings"]).remove()
 
@@ -396,7 +424,7 @@ class RobustnessEvaluation(L.Callback):
     ) -> None:
         if trainer.sanity_checking or (self.limit_batches is not None and batch_idx >= self.limit_batches):
             return
-        result = attack(pl_module, batch, **self.attack_kwargs)
+        result = attack(pl_module, batch, **{**self.attack_kwargs, "forward_module": self._forward_name})
         size = _batch_size(batch)
         pl_module.log(f"{self.prefix}robust_loss", result.loss, on_step=False, on_epoch=True, sync_dist=True,
                       batch_size=size)
@@ -410,11 +438,6 @@ class RobustnessEvaluation(L.Callback):
             name = f"{self.prefix}{'clean' if clean else 'robust'}_acc"
             pl_module.log(name, correct.float() / counted.clamp_min(1), on_step=False, on_epoch=True, sync_dist=True,
                           batch_size=int(counted))
-
-
-def _in_training_loop(module: L.LightningModule) -> bool:
-    trainer = module._trainer
-    return trainer is not None and bool(trainer.training)
 
 
 def _batch_size(batch: Any) -> int | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -15,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from llmkit._logging import WindowedMeans
-from llmkit._outputs import aligned_targets, default_logits
+from llmkit._outputs import aligned_targets, default_logits, forward_module_name, is_causal_lm, named_submodule
+from llmkit.callbacks._composition import CLEAN, ComposingCallback, Composition
 
 LOSSES = ("kl", "reverse_kl", "mse")
 LAYER_LOSSES = ("mse", "cosine")
@@ -57,15 +56,24 @@ def distillation_loss(
     else:
         log_s = F.log_softmax(student / temperature, dim=-1)
         log_t = F.log_softmax(teacher / temperature, dim=-1)
-        if loss == "kl":
-            per_token = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
-        else:
-            per_token = F.kl_div(log_t, log_s, log_target=True, reduction="none").sum(-1)
+        per_token = _kl(log_t, log_s) if loss == "kl" else _kl(log_s, log_t)
         per_token = per_token * temperature**2
     if mask is None:
         return per_token.mean()
     mask = mask.reshape(per_token.shape)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q)`` over the last axis, from log-probabilities, with ``0 log 0 = 0``.
+
+    Classes that ``p`` gives no mass (``-inf`` logits: a masked vocabulary) add nothing, as in
+    ``F.kl_div(log_q, p)``; masking both logs there first keeps ``0 * -inf`` out of the values
+    and the gradients.
+    """
+    p = log_p.exp()
+    void = p == 0
+    return (p * (log_p.masked_fill(void, 0.0) - log_q.masked_fill(void, 0.0))).sum(-1)
 
 
 def _output_width(module: nn.Module) -> int | None:
@@ -76,22 +84,17 @@ def _output_width(module: nn.Module) -> int | None:
             if isinstance(value, int):
                 return value
         shape = getattr(layer, "normalized_shape", None)
-        if isinstance(shape, tuple) and shape:
+        if isinstance(shape, int):
+            return shape
+        if isinstance(shape, tuple | list | torch.Size) and shape:
             return int(shape[-1])
+        weight = getattr(layer, "weight", None)
+        if type(layer).__name__.endswith("Norm") and isinstance(weight, Tensor) and weight.ndim == 1:
+            return int(weight.shape[0])  # a norm that keeps no normalized_shape (e.g. HF's RMSNorm)
     return None
 
 
-def _submodule(model: nn.Module, name: str, role: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"the {role} has no module named {name!r}{hint}") from None
-
-
-class KnowledgeDistillation(L.Callback):
+class KnowledgeDistillation(ComposingCallback):
     r"""Train any LightningModule to match a frozen teacher as well as its own task.
 
     ``callbacks=[KnowledgeDistillation(teacher)]`` on a Trainer: the student's code is unchanged.
@@ -103,7 +106,14 @@ class KnowledgeDistillation(L.Callback):
 
     computed per token (every axis of the logits but the last) and averaged over the tokens whose
     target is not ``ignore_index``. Logs ``train_task_loss`` and ``train_kd_loss`` (and
-    ``train_layer_loss`` with ``layers``).
+    ``train_layer_loss`` with ``layers``), the clean pass's values whatever else runs.
+
+    With other llmkit callbacks, in any order in the Trainer's list (see
+    :mod:`llmkit.callbacks`): the distillation term is computed on the clean pass (the student's
+    logits and the teacher's on the batch as it came), and the loss is ``(1 - alpha)`` times what
+    the rest returns (with ``AdversarialTraining``, its mix of clean and adversarial losses) plus
+    ``alpha`` times that term; under ``QuantizationAwareTraining`` the student is fake-quantized,
+    the teacher never is.
 
     Args:
         teacher: an ``nn.Module``, a LightningModule, or the path of a Lightning checkpoint
@@ -115,25 +125,29 @@ class KnowledgeDistillation(L.Callback):
         loss: ``"kl"`` (forward KL, Hinton et al.), ``"reverse_kl"`` or ``"mse"`` (on logits).
         logits_fn: picks the logits from a forward's output (default: :func:`default_logits`).
         ignore_index: target value of tokens that do not count (padding). ``None``: every token
-            counts.
+            counts but those labelled -100 (Hugging Face's and PyTorch's ignored label).
         target_fn: gives the targets ``[...]`` from the batch, aligned with the logits' tokens.
             By default the batch's ``"labels"``/``"target"``/``"tgt"``/``"y"`` entry (or its last
             item), used as is when it has one target per token, or without its first position
             (``tgt[:, 1:]``, teacher forcing) when that one is longer.
         forward_module: the student's submodule whose forward gives the logits (``None``: the
-            LightningModule's own forward); the teacher's submodule of that name runs, where it
-            has one.
+            LightningModule's own forward where it defines one, else its only child with
+            parameters, e.g. ``self.model`` of a Hugging Face wrapper); the teacher's submodule of
+            that name runs, where it has one.
         layers: intermediate outputs to match, ``{student_module_name: teacher_module_name}``.
             Where widths differ, a learned linear projection maps the student's to the teacher's
-            (trained by the student's optimizer; kept out of the student's checkpoint weights).
+            (:attr:`projections`: trained by the student's optimizer and synced by DDP as a child
+            of the student during ``fit`` only; saved in this callback's state, never in the
+            student's weights).
         layer_loss: ``"mse"`` or ``"cosine"`` (``1 - cosine similarity`` on the last axis).
         layer_weight: weight of the layer term, added to the loss above.
         teacher_class: the LightningModule class a teacher checkpoint is loaded as.
 
     Raises:
-        ValueError: If ``alpha`` is outside [0, 1], ``temperature <= 0``, ``loss`` or
-            ``layer_loss`` is unknown; at setup, if a named module does not exist; at the first
-            step, if teacher and student logits differ in shape.
+        ValueError: If ``alpha`` is outside [0, 1], ``temperature`` is not a finite number
+            ``> 0``, ``loss`` or ``layer_loss`` is unknown; at setup, if a named module does not
+            exist or the module defines no forward and ``forward_module`` cannot be found; at the
+            first step, if teacher and student logits differ in shape.
         FileNotFoundError: If ``teacher`` is a path to no file.
 
     Example:
@@ -147,6 +161,8 @@ class KnowledgeDistillation(L.Callback):
         >>> sorted(k for k in trainer.callback_metrics if k.startswith("train_"))
         ['train_kd_loss', 'train_task_loss']
     """
+
+    layer = 10
 
     def __init__(
         self,
@@ -163,16 +179,18 @@ class KnowledgeDistillation(L.Callback):
         layer_weight: float = 1.0,
         teacher_class: type[L.LightningModule] | None = None,
     ) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1], got {alpha}")
-        if not temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}")
+        if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
+        if not _is_number(temperature) or not 0 < temperature < math.inf:
+            raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}")
         if loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}")
         if layer_loss not in LAYER_LOSSES:
             raise ValueError(f"`layer_loss` must be one of {LAYER_LOSSES}, got {layer_loss!r}")
-        if not layer_weight >= 0:
-            raise ValueError(f"`layer_weight` must be >= 0, got {layer_weight}")
+        if not _is_number(layer_weight) or not 0 <= layer_weight < math.inf:
+            raise ValueError(f"`layer_weight` must be a finite number >= 0, got {layer_weight!r}")
+        if isinstance(layers, str) or (isinstance(layers, Mapping) and not all(isinstance(k, str) for k in layers)):
+            raise TypeError(f"`layers` must map student module names to teacher module names, got {layers!r}")
         if isinstance(teacher, str | os.PathLike):
             path = Path(teacher)
             if "://" not in str(teacher) and not path.is_file():
@@ -186,61 +204,72 @@ class KnowledgeDistillation(L.Callback):
         self.layers = dict(layers)
         self.layer_loss, self.layer_weight, self.teacher_class = layer_loss, float(layer_weight), teacher_class
         self.teacher: nn.Module | None = None if not isinstance(teacher, nn.Module) else teacher
-        self._handles: list[RemovableHandle] = []
+        #: The learned projections of ``layers`` whose widths differ (``None`` before the first fit).
+        self.projections: nn.ModuleDict | None = None
+        self._saved_projections: dict[str, Tensor] | None = None
+        self._composition: Composition | None = None
+        self._forward_name = ""
+        self._causal = False
         self._student_call: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
         self._features: dict[str, Tensor] = {}
-        self._original_training_step: Callable[..., Any] | None = None
-        self._original_on_load_checkpoint: Callable[[dict[str, Any]], None] | None = None
         self._log = WindowedMeans(("train_task_loss", "train_kd_loss"))
         self._layer_log = WindowedMeans(("train_layer_loss",))
-        self._checked_shapes = False
 
     # -----------------------------------------------------------------------------------------
     # Lightning hooks
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._setup(trainer, pl_module)
-
-    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._place_teacher(pl_module)
-        self._check_projections_are_optimized(trainer, pl_module)
+        if self.teacher is not None:
+            self.teacher.to(pl_module.device)
+        self._check_projections_are_optimized(trainer)
 
     @override
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # The projections train with the student but are not part of it: keep them in this
-        # callback's state, so that the student's weights load without them.
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"temperature": self.temperature, "alpha": self.alpha, "loss": self.loss}
+        if self.projections is not None and len(self.projections):
+            state["projections"] = {k: v.detach().clone() for k, v in self.projections.state_dict().items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name in ("temperature", "alpha"):
+            saved = state_dict.get(name)
+            if saved is not None and not math.isclose(saved, getattr(self, name)):
+                rank_zero_warn(f"KnowledgeDistillation resumes with {name}={getattr(self, name)}, saved with {saved}")
+        # Checkpoints of llmkit <= 0.2 named them as the student's children ("kd_projections.0.weight").
         prefix = f"{_PROJECTIONS}."
-        weights = checkpoint.get("state_dict", {})
-        projections = {key: weights.pop(key) for key in [k for k in weights if k.startswith(prefix)]}
-        if projections:
-            checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})["projections"] = projections
-
-    @override
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # An interrupted fit does not tear down: leave the student as it was all the same.
-        self.teardown(trainer, pl_module, "fit")
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        saved_projections = {k.removeprefix(prefix): v for k, v in state_dict.get("projections", {}).items()}
+        if not saved_projections:
             return
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for name, original in (
-            ("training_step", self._original_training_step),
-            ("on_load_checkpoint", self._original_on_load_checkpoint),
-        ):
-            if original is not None and name in vars(pl_module):
-                delattr(pl_module, name)
-        self._original_training_step = self._original_on_load_checkpoint = None
+        if self.projections is not None:
+            self.projections.load_state_dict(saved_projections)
+        else:
+            self._saved_projections = saved_projections  # loaded when the projections are made
 
     # -----------------------------------------------------------------------------------------
-    # Set-up
+    # Attaching to the student
+
+    @override
+    def _attach(self, trainer: L.Trainer, pl_module: L.LightningModule, composition: Composition) -> None:
+        teacher = self._load_teacher(pl_module)
+        if teacher is pl_module:
+            raise ValueError("the teacher is the student itself; pass a separate module")
+        teacher.eval().requires_grad_(False)
+        self.teacher = trainer.precision_plugin.convert_module(teacher)
+        self._forward_name = forward_module_name(pl_module, self.forward_module, role="student")
+        student = pl_module.get_submodule(self._forward_name)
+        self._causal = is_causal_lm(student)
+        composition.add_handle(student.register_forward_hook(self._capture_student, with_kwargs=True))
+        self._attach_layers(pl_module, composition)
+        # The distillation term reads the clean pass's graph after the layers below return.
+        composition.keep_clean_graph = True
+        composition.wrap_step(self.layer, self._training_step)
+        self._composition = composition
+
+    @override
+    def _detach(self, pl_module: L.LightningModule) -> None:
+        self._composition, self._student_call, self._features = None, None, {}
 
     def _load_teacher(self, pl_module: L.LightningModule) -> nn.Module:
         if self.teacher is not None:
@@ -251,53 +280,36 @@ class KnowledgeDistillation(L.Callback):
         teacher: nn.Module = cls.load_from_checkpoint(os.fspath(source), map_location="cpu", weights_only=True)
         return teacher
 
-    def _setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        teacher = self._load_teacher(pl_module)
-        if teacher is pl_module:
-            raise ValueError("the teacher is the student itself; pass a separate module")
-        teacher.eval().requires_grad_(False)
-        self.teacher = trainer.precision_plugin.convert_module(teacher)
-        student_target = _submodule(pl_module, self.forward_module, "student") if self.forward_module else pl_module
-        self._handles.append(student_target.register_forward_hook(self._capture_student, with_kwargs=True))
-        self._setup_layers(pl_module)
-        # Wrap training_step on this instance (not the class): the task loss comes from the
-        # student's own code and the distillation term is added to it.
-        self._original_training_step = pl_module.training_step
-        pl_module.training_step = self._training_step  # type: ignore[method-assign]
-        self._original_on_load_checkpoint = pl_module.on_load_checkpoint
-        pl_module.on_load_checkpoint = self._on_load_checkpoint  # type: ignore[method-assign]
-        self._student = pl_module
-
-    def _setup_layers(self, pl_module: L.LightningModule) -> None:
+    def _attach_layers(self, pl_module: L.LightningModule, composition: Composition) -> None:
         if not self.layers:
             return
         assert self.teacher is not None
         projections = nn.ModuleDict()
         for index, (student_name, teacher_name) in enumerate(self.layers.items()):
-            student_layer = _submodule(pl_module, student_name, "student")
-            teacher_layer = _submodule(self.teacher, teacher_name, "teacher")
-            self._handles.append(student_layer.register_forward_hook(self._capture_feature(f"s{index}")))
-            self._handles.append(teacher_layer.register_forward_hook(self._capture_feature(f"t{index}")))
+            student_layer = named_submodule(pl_module, student_name, role="student", argument="layers")
+            teacher_layer = named_submodule(self.teacher, teacher_name, role="teacher", argument="layers")
+            composition.add_handle(student_layer.register_forward_hook(self._capture_feature(f"s{index}")))
+            composition.add_handle(teacher_layer.register_forward_hook(self._capture_feature(f"t{index}")))
             # Widths read from the layers themselves; where one cannot be read (an activation),
             # the outputs must match as they are (checked at the first step).
             student_width, teacher_width = _output_width(student_layer), _output_width(teacher_layer)
             if student_width is not None and teacher_width is not None and student_width != teacher_width:
                 projections[str(index)] = nn.Linear(student_width, teacher_width)
-        if len(projections):
-            # A child of the student, so that its optimizer, DDP and the device placement see it.
-            pl_module.add_module(_PROJECTIONS, projections)
+        if self.projections is None:
+            self.projections = projections
+            if self._saved_projections is not None:
+                self.projections.load_state_dict(self._saved_projections)
+                self._saved_projections = None
+        if len(self.projections):
+            # A child of the student for this fit: its optimizer, DDP and device moves see it.
+            composition.add_submodule(_PROJECTIONS, self.projections.to(pl_module.device))
 
-    def _place_teacher(self, pl_module: L.LightningModule) -> None:
-        if self.teacher is not None:
-            self.teacher.to(pl_module.device)
-
-    def _check_projections_are_optimized(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        projections = getattr(pl_module, _PROJECTIONS, None)
-        if projections is None or not trainer.optimizers:
+    def _check_projections_are_optimized(self, trainer: L.Trainer) -> None:
+        if self.projections is None or not len(self.projections) or not trainer.optimizers:
             return
         groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
         optimized = {id(p) for group in groups for p in group["params"]}
-        missing = [p for p in projections.parameters() if id(p) not in optimized]
+        missing = [p for p in self.projections.parameters() if id(p) not in optimized]
         if missing:
             # configure_optimizers chose its parameters by hand: give the projections the first
             # optimizer's settings.
@@ -305,22 +317,19 @@ class KnowledgeDistillation(L.Callback):
             defaults = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
             optimizer.add_param_group({**defaults, "params": missing})
 
-    def _on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        assert self._original_on_load_checkpoint is not None
-        self._original_on_load_checkpoint(checkpoint)
-        state = checkpoint.get("callbacks", {}).get(self.state_key, {})
-        checkpoint.setdefault("state_dict", {}).update(state.get("projections", {}))
-
     # -----------------------------------------------------------------------------------------
-    # Capture
+    # Capture (on the clean pass only)
+
+    def _clean_pass(self) -> bool:
+        return self._composition is not None and self._composition.pass_kind == CLEAN
 
     def _capture_student(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if self._student_call is None and torch.is_grad_enabled():
+        if self._student_call is None and self._clean_pass():
             self._student_call = (args, kwargs, output)
 
     def _capture_feature(self, key: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if key not in self._features:
+            if key not in self._features and (key.startswith("t") or self._clean_pass()):
                 self._features[key] = default_logits(output)
 
         return hook
@@ -328,24 +337,17 @@ class KnowledgeDistillation(L.Callback):
     # -----------------------------------------------------------------------------------------
     # The loss
 
-    def _training_step(self, *args: Any, **kwargs: Any) -> Any:
-        assert self._original_training_step is not None
-        trainer = self._student._trainer
-        if trainer is None or not trainer.training:
-            # Called outside the fit's training loop (by an attack in validation, or by hand).
-            return self._original_training_step(*args, **kwargs)
+    def _training_step(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        composition = self._composition
+        assert composition is not None
         self._student_call, self._features = None, {}
-        output = self._original_training_step(*args, **kwargs)
+        output = inner(*args, **kwargs)
         if output is None:  # the student skipped this batch
             return output
-        task = output["loss"] if isinstance(output, Mapping) else output
-        if not isinstance(task, Tensor):
-            raise TypeError(
-                f"KnowledgeDistillation needs training_step to return a loss tensor or a dict with 'loss', "
-                f"got {type(output).__name__}"
-            )
+        rest = _loss(output)
+        task = _loss(composition.clean_output)
         if self._student_call is None:
-            where = f"`{self.forward_module}`" if self.forward_module else "the module's own forward (`self(...)`)"
+            where = f"`{self._forward_name}`" if self._forward_name else "the module's own forward (`self(...)`)"
             raise RuntimeError(
                 f"KnowledgeDistillation saw no call of {where} in training_step; pass `forward_module` "
                 "to name the submodule that computes the logits"
@@ -363,13 +365,14 @@ class KnowledgeDistillation(L.Callback):
         kd = distillation_loss(
             student_logits, teacher_logits, temperature=self.temperature, loss=self.loss, mask=mask
         )
-        total = (1.0 - self.alpha) * task + self.alpha * kd
-        student = self._student
+        total = (1.0 - self.alpha) * rest + self.alpha * kd
+        student = composition.module
         if self.layers:
             layer = self._layer_term(student)
             total = total + self.layer_weight * layer
             self._layer_log.update(student, {"train_layer_loss": layer})
         self._log.update(student, {"train_task_loss": task, "train_kd_loss": kd})
+        self._student_call, self._features = None, {}
         if isinstance(output, Mapping):
             return {**output, "loss": total}
         return total
@@ -377,22 +380,27 @@ class KnowledgeDistillation(L.Callback):
     def _teacher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         assert self.teacher is not None
         teacher = self.teacher
-        if self.forward_module:
+        if self._forward_name:
             # A teacher of another kind has no such submodule: its own forward takes the inputs.
             with contextlib.suppress(AttributeError):
-                teacher = teacher.get_submodule(self.forward_module)
+                teacher = teacher.get_submodule(self._forward_name)
         with torch.no_grad():
             return teacher(*args, **kwargs)
 
     def _mask(self, batch: Any, logits: Tensor) -> Tensor | None:
-        if self.ignore_index is None and self.target_fn is None:
-            return None
-        target = aligned_targets(batch, logits, self.target_fn)
         ignore = -100 if self.ignore_index is None else self.ignore_index
+        shift = ignore if self._causal else None
+        if self.ignore_index is None and self.target_fn is None:
+            try:
+                target = aligned_targets(batch, logits, shift_fill=shift)
+            except ValueError:
+                return None  # no targets to read: every token counts
+        else:
+            target = aligned_targets(batch, logits, self.target_fn, shift_fill=shift)
         return target != ignore
 
     def _layer_term(self, student: L.LightningModule) -> Tensor:
-        projections = getattr(student, _PROJECTIONS, None)
+        projections = self.projections
         total = torch.zeros((), device=student.device)
         for index, (student_name, teacher_name) in enumerate(self.layers.items()):
             s, t = self._features.get(f"s{index}"), self._features.get(f"t{index}")
@@ -413,14 +421,16 @@ class KnowledgeDistillation(L.Callback):
                 total = total + (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
         return total / max(1, len(self.layers))
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "alpha": self.alpha, "loss": self.loss}
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for name in ("temperature", "alpha"):
-            saved = state_dict.get(name)
-            if saved is not None and not math.isclose(saved, getattr(self, name)):
-                rank_zero_warn(f"KnowledgeDistillation resumes with {name}={getattr(self, name)}, saved with {saved}")
+def _loss(output: Any) -> Tensor:
+    task = output["loss"] if isinstance(output, Mapping) else output
+    if not isinstance(task, Tensor):
+        raise TypeError(
+            f"KnowledgeDistillation needs training_step to return a loss tensor or a dict with 'loss', "
+            f"got {type(output).__name__}"
+        )
+    return task
 
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)

@@ -1,0 +1,247 @@
+"""How llmkit's callbacks change a user's module together: one stack, a fixed order, exact unwinding.
+
+Every callback that changes training (:class:`ComposingCallback`) attaches through one
+:class:`Composition` per module. At the first ``setup("fit")`` of any of them, the composition
+attaches *all* of the Trainer's composing callbacks, sorted by their :attr:`~ComposingCallback.layer`
+(not by their place in ``Trainer(callbacks=[...])``), so a fit does not depend on the list's order:
+
+- layer 0, modules swapped (``QuantizationAwareTraining`` prepares its fake-quantized layers), so
+  that every hook attached after it lands on the modules that will run; fake quantization then
+  applies on every pass of every step;
+- layer 10, ``KnowledgeDistillation``: the outermost wrapper of ``training_step``. Its term is
+  computed on the *clean* pass; the loss it returns is ``(1 - alpha) * inner + alpha * kd``, where
+  ``inner`` is whatever the layers below return;
+- layer 20, ``AdversarialTraining``: runs the module's own ``training_step`` for each of its passes
+  (clean, attack, adversarial) and combines their losses.
+
+What a callback may change goes through the composition, which records it and undoes it in reverse
+order at ``teardown`` or on an exception: one ``training_step`` attribute on the instance (the
+wrappers, nested in layer order), forward and state-dict hooks, and submodules that train with the
+module (kept out of its ``state_dict`` and checkpoints; the callback that owns them saves them in
+its own state). After ``fit`` the module is exactly what it was before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import lightning.pytorch as L
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+CLEAN, ATTACK, ADVERSARIAL = "clean", "attack", "adversarial"
+_ABSENT = object()
+
+#: ``wrapper(inner, *args, **kwargs)``: one layer of ``training_step``; ``inner`` runs the layers below.
+StepWrapper = Callable[..., Any]
+
+_COMPOSITIONS: weakref.WeakKeyDictionary[nn.Module, Composition] = weakref.WeakKeyDictionary()
+
+
+class ComposingCallback(L.Callback):
+    """Base of the callbacks that change training; they attach and detach through a :class:`Composition`.
+
+    Subclasses set :attr:`layer` and implement :meth:`_attach` (and, where they keep anything
+    beyond what the composition records, :meth:`_detach`).
+    """
+
+    #: Where the callback sits in the stack: lower attaches first and wraps ``training_step`` outside.
+    layer: ClassVar[int] = 50
+
+    def _attach(self, trainer: L.Trainer, pl_module: L.LightningModule, composition: Composition) -> None:
+        """Change ``pl_module`` for this fit, through ``composition``."""
+
+    def _detach(self, pl_module: L.LightningModule) -> None:
+        """Forget what :meth:`_attach` kept; the composition undoes what it recorded."""
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            Composition.attach(trainer, pl_module, self)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            Composition.detach(pl_module)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # An interrupted fit does not tear down: leave the module as it was all the same.
+        Composition.detach(pl_module)
+
+
+class Composition:
+    """The changes llmkit's callbacks made to one module during one fit, undone in reverse order.
+
+    Callbacks reach it in :meth:`ComposingCallback._attach`; the current pass of a step
+    (:attr:`pass_kind`) and what the module's own ``training_step`` returned on the clean pass
+    (:attr:`clean_output`) are how the layers see each other.
+    """
+
+    def __init__(self, module: L.LightningModule, trainer: L.Trainer) -> None:
+        self.module = module
+        self.trainer: weakref.ReferenceType[L.Trainer] = weakref.ref(trainer)
+        self.callbacks: list[ComposingCallback] = []
+        #: ``"clean"``, ``"attack"`` or ``"adversarial"``: what the current call of the module's step is.
+        self.pass_kind = CLEAN
+        #: What the module's own ``training_step`` returned on this step's clean pass.
+        self.clean_output: Any = None
+        #: Set by a layer that reads the clean pass's outputs after the layers below return: they
+        #: must then keep the clean pass's autograd graph for the final backward.
+        self.keep_clean_graph = False
+        self._wrappers: list[tuple[int, StepWrapper]] = []
+        self._undo: list[Callable[[], None]] = []
+        self._hidden: dict[str, nn.Module] = {}
+        self._step: Callable[..., Any] | None = None
+
+    # -----------------------------------------------------------------------------------------
+    # Attaching and detaching a fit's callbacks
+
+    @classmethod
+    def attach(cls, trainer: L.Trainer, module: L.LightningModule, caller: ComposingCallback) -> Composition:
+        """Attach every composing callback of ``trainer`` to ``module``, once per fit, in layer order."""
+        existing = _COMPOSITIONS.get(module)
+        if existing is not None:
+            if existing.trainer() is trainer:
+                return existing
+            existing.undo()  # left attached by a fit that did not end (another Trainer's)
+        composition = cls(module, trainer)
+        _COMPOSITIONS[module] = composition
+        callbacks = [c for c in trainer.callbacks if isinstance(c, ComposingCallback)]  # type: ignore[attr-defined]
+        if caller not in callbacks:
+            callbacks.append(caller)
+        composition.callbacks = sorted(callbacks, key=lambda c: c.layer)  # stable: ties keep the list's order
+        try:
+            for callback in composition.callbacks:
+                callback._attach(trainer, module, composition)
+            composition._install_step()
+        except BaseException:
+            composition.undo()
+            raise
+        return composition
+
+    @classmethod
+    def detach(cls, module: L.LightningModule) -> None:
+        """Undo everything attached to ``module`` (nothing if nothing is)."""
+        composition = _COMPOSITIONS.get(module)
+        if composition is not None:
+            composition.undo()
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Composition | None:
+        """The composition attached to ``module``, if any."""
+        return _COMPOSITIONS.get(module)
+
+    def undo(self) -> None:
+        """Detach the callbacks and undo every recorded change, last first."""
+        if _COMPOSITIONS.get(self.module) is self:
+            del _COMPOSITIONS[self.module]
+        errors: list[BaseException] = []
+        for callback in reversed(self.callbacks):
+            try:
+                callback._detach(self.module)
+            except Exception as error:  # keep unwinding; report the first failure after
+                errors.append(error)
+        while self._undo:
+            self._undo.pop()()
+        self.callbacks = []
+        if errors:
+            raise errors[0]
+
+    # -----------------------------------------------------------------------------------------
+    # What callbacks may change
+
+    def wrap_step(self, layer: int, wrapper: StepWrapper) -> None:
+        """Add a layer around the module's ``training_step`` (lower ``layer``: further outside)."""
+        self._wrappers.append((layer, wrapper))
+
+    def add_handle(self, handle: RemovableHandle) -> None:
+        """Remove ``handle`` (a forward or state-dict hook) when the composition is undone."""
+        self._undo.append(handle.remove)
+
+    def add_submodule(self, name: str, submodule: nn.Module) -> None:
+        """Make ``submodule`` a child of the module for this fit (optimizer, DDP, device moves see it).
+
+        It is kept out of the module's ``state_dict()`` (so checkpoints hold the user's weights
+        only, and load into a fresh instance), tolerated as missing when a checkpoint is loaded,
+        and removed when the composition is undone.
+
+        Raises:
+            ValueError: If the module already has an attribute ``name``.
+        """
+        module = self.module
+        if hasattr(module, name):
+            raise ValueError(f"{type(module).__name__} already has an attribute {name!r}")
+        module.add_module(name, submodule)
+        self._undo.append(functools.partial(_remove_submodule, module, name))
+        if not self._hidden:
+            drop, allow = functools.partial(_drop_hidden, self._hidden), functools.partial(_allow_hidden, self._hidden)
+            self.add_handle(module.register_state_dict_post_hook(drop))  # type: ignore[no-untyped-call]
+            self.add_handle(module.register_load_state_dict_post_hook(allow))  # type: ignore[no-untyped-call]
+        self._hidden[name] = submodule
+
+    @contextlib.contextmanager
+    def pass_of(self, kind: str) -> Iterator[None]:
+        """The calls of the module's step in the block are ``kind`` passes (``"attack"``, ...)."""
+        before, self.pass_kind = self.pass_kind, kind
+        try:
+            yield
+        finally:
+            self.pass_kind = before
+
+    # -----------------------------------------------------------------------------------------
+    # The training_step attribute
+
+    def _install_step(self) -> None:
+        if not self._wrappers:
+            return
+        module = self.module
+        before = vars(module).get("training_step", _ABSENT)
+        original = module.training_step
+        step: Callable[..., Any] = functools.partial(self._record, original)
+        for _, wrapper in sorted(self._wrappers, key=lambda item: -item[0]):  # innermost first
+            step = functools.partial(wrapper, step)
+        self._step = step
+        module.training_step = functools.partial(self._training_step, original)  # type: ignore[method-assign]
+        self._undo.append(functools.partial(_restore_attribute, module, "training_step", before))
+
+    def _training_step(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        trainer = self.module._trainer
+        if self._step is None or trainer is None or not trainer.training:
+            # Called outside the fit's training loop: by an attack in validation, or by hand.
+            return original(*args, **kwargs)
+        self.pass_kind, self.clean_output = CLEAN, None
+        return self._step(*args, **kwargs)
+
+    def _record(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        if self.pass_kind == CLEAN and self.clean_output is None:
+            self.clean_output = output
+        return output
+
+
+def _remove_submodule(module: nn.Module, name: str) -> None:
+    module._modules.pop(name, None)
+
+
+def _restore_attribute(module: nn.Module, name: str, before: Any) -> None:
+    if before is _ABSENT:
+        vars(module).pop(name, None)
+    else:
+        setattr(module, name, before)
+
+
+def _drop_hidden(hidden: dict[str, nn.Module], module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                 local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k[len(prefix):].split(".", 1)[0] in hidden and k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _allow_hidden(hidden: dict[str, nn.Module], module: nn.Module, incompatible: Any) -> None:
+    missing = incompatible.missing_keys
+    missing[:] = [k for k in missing if k.split(".", 1)[0] not in hidden]

@@ -1,0 +1,280 @@
+"""llmkit's callbacks together: any list order gives the same fit, and the module is left as it was.
+
+Oracles: the fit with the callbacks in one order (every permutation gives the same losses to
+1e-6); an uninterrupted fit (for save -> resume); the module's own attributes, hooks, submodules
+and state-dict keys before the fit (after it, and after an exception in it); a closed form for
+the composed loss (KD's term on the clean pass around AdversarialTraining's mix).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from llmkit import VAE
+from llmkit.callbacks import (
+    AdversarialTraining,
+    KnowledgeDistillation,
+    QuantizationAwareTraining,
+    RobustnessEvaluation,
+)
+from llmkit.callbacks._composition import ComposingCallback, Composition
+from tests.callbacks.helpers import RecordLosses, seq2seq_batch, trainer, translator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = ("kd", "qat", "adv")
+
+
+def seq2seq_data(n: int = 1) -> DataLoader:
+    return DataLoader([seq2seq_batch()] * n, batch_size=None)
+
+
+def seq2seq_callbacks(teacher: nn.Module) -> dict[str, L.Callback]:
+    return {
+        "kd": KnowledgeDistillation(teacher, ignore_index=0, layers={"encoder.layers.0": "encoder.layers.0"}),
+        "qat": QuantizationAwareTraining(convert_on_fit_end=False),
+        "adv": AdversarialTraining("pgd", epsilon=0.5, steps=2),
+    }
+
+
+def run_seq2seq(order: tuple[str, ...], steps: int = 3) -> tuple[list[float], nn.Module]:
+    torch.manual_seed(0)
+    student, teacher = translator(d_model=32), translator(d_model=64)
+    callbacks = seq2seq_callbacks(teacher)
+    record = RecordLosses()
+    trainer(max_steps=steps, callbacks=[*(callbacks[name] for name in order), record]).fit(student, seq2seq_data())
+    return record.losses, student
+
+
+def snapshot(module: nn.Module) -> dict[str, object]:
+    """What a callback could leave behind on a module."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+             "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+    return {
+        "attributes": sorted(vars(module)),
+        "methods": {name: vars(module).get(name) for name in ("training_step", "on_load_checkpoint", "log")},
+        "modules": [(name, type(m).__name__) for name, m in module.named_modules()],
+        "hooks": {name: [len(getattr(m, h, {})) for h in hooks] for name, m in module.named_modules()},
+        "state": sorted(module.state_dict()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Any order, the same fit
+
+
+def test_every_order_of_the_three_callbacks_gives_the_same_losses():
+    reference, _ = run_seq2seq(NAMES)
+    assert len(reference) == 3 and all(torch.isfinite(torch.tensor(reference)))
+    for order in itertools.permutations(NAMES):
+        losses, _ = run_seq2seq(order)
+        assert losses == pytest.approx(reference, rel=1e-6, abs=1e-7), order
+
+
+def test_composed_loss_is_distillation_on_the_clean_pass_around_the_adversarial_mix():
+    """(1 - alpha) * ((1 - w) clean + w adv) + alpha * KD(clean logits): checked by hand on step one."""
+    torch.manual_seed(0)
+    student, teacher = translator(d_model=32), translator(d_model=64)
+    batch = seq2seq_batch()
+    alpha, w, eps = 0.3, 0.5, 0.5
+    with torch.no_grad():
+        # FGM by hand on the clean pass's embeddings (one site per embedding call: src, tgt).
+        expected_student = translator(d_model=32)
+        expected_student.load_state_dict(student.state_dict())
+    deltas: list[torch.Tensor] = []
+
+    def add_delta(module, args, output):
+        delta = torch.zeros_like(output, requires_grad=True)
+        deltas.append(delta)
+        mask = (args[0] != 0).unsqueeze(-1).to(output.dtype)
+        return output + delta * mask
+
+    handles = [m.register_forward_hook(add_delta) for m in (expected_student.src_embed, expected_student.tgt_embed)]
+    clean = expected_student.training_step(batch, 0)
+    grads = torch.autograd.grad(clean, deltas)
+    norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt().clamp_min(1e-12)
+    handles_values = [eps * g / norm.reshape(-1, 1, 1) for g in grads]
+    for h in handles:
+        h.remove()
+    sites = iter(handles_values)
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: out + next(sites) * (args[0] != 0).unsqueeze(-1).to(out.dtype))
+        for m in (expected_student.src_embed, expected_student.tgt_embed)
+    ]
+    adv = expected_student.training_step(batch, 0)
+    for h in handles:
+        h.remove()
+    s_logits = expected_student(batch["src"], batch["tgt"][:, :-1])
+    t_logits = teacher(batch["src"], batch["tgt"][:, :-1])
+    mask = batch["tgt"][:, 1:] != 0
+    kl = F.kl_div(F.log_softmax(s_logits / 2, -1), F.softmax(t_logits / 2, -1), reduction="none").sum(-1) * 4
+    kd = kl[mask].mean()
+    expected = (1 - alpha) * ((1 - w) * clean + w * adv) + alpha * kd
+
+    for order in ((0, 1), (1, 0)):
+        torch.manual_seed(0)
+        model = translator(d_model=32)
+        model.load_state_dict(student.state_dict())
+        callbacks = [KnowledgeDistillation(teacher, alpha=alpha, ignore_index=0), AdversarialTraining("fgm", epsilon=eps)]
+        record = RecordLosses()
+        fit = trainer(max_steps=1, callbacks=[callbacks[order[0]], callbacks[order[1]], record])
+        fit.fit(model, seq2seq_data())
+        assert record.losses[0] == pytest.approx(float(expected), rel=1e-5)
+        # The logged task loss is the clean pass's, whatever else runs.
+        assert float(fit.callback_metrics["train_task_loss"]) == pytest.approx(float(clean), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The module as it was
+
+
+def test_the_module_is_as_before_after_fit_and_after_an_exception():
+    torch.manual_seed(0)
+    for order in itertools.permutations(("kd", "adv")):
+        student, teacher = translator(d_model=32), translator(d_model=64)
+        before = snapshot(student)
+        callbacks = seq2seq_callbacks(teacher)
+        robust = RobustnessEvaluation(epsilon=0.5, steps=2, ignore_index=0)
+        trainer(max_steps=2, callbacks=[*(callbacks[n] for n in order), robust], limit_val_batches=1).fit(
+            student, seq2seq_data(), seq2seq_data()
+        )
+        assert snapshot(student) == before, order
+        fresh = translator(d_model=32)
+        fresh.load_state_dict(student.state_dict())  # strictly
+
+    class Boom(L.Callback):
+        def on_train_batch_end(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    student, teacher = translator(d_model=32), translator(d_model=64)
+    before = snapshot(student)
+    callbacks = seq2seq_callbacks(teacher)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(max_steps=2, callbacks=[callbacks["adv"], callbacks["kd"], Boom()]).fit(student, seq2seq_data())
+    assert snapshot(student) == before
+    assert Composition.of(student) is None
+
+
+def test_quantization_changes_only_its_layers():
+    """QAT's prepare swaps layers (its documented change); nothing else of the others is left."""
+    torch.manual_seed(0)
+    _, prepared_alone = run_seq2seq(("qat",))
+    for order in (("adv", "qat", "kd"), ("kd", "adv", "qat")):
+        _, student = run_seq2seq(order)
+        assert snapshot(student) == snapshot(prepared_alone), order
+
+
+class Nothing(ComposingCallback):
+    """Wraps training_step and adds nothing: the mechanism's own cost and behaviour."""
+
+    def _attach(self, trainer, pl_module, composition):
+        composition.wrap_step(self.layer, lambda inner, *args, **kwargs: inner(*args, **kwargs))
+
+
+def test_a_wrapper_that_adds_nothing_changes_nothing():
+    def run(callbacks):
+        torch.manual_seed(0)
+        model, record = translator(d_model=32), RecordLosses()
+        trainer(max_steps=3, callbacks=[*callbacks, record]).fit(model, seq2seq_data())
+        return record.losses, model
+
+    plain, _ = run([])
+    wrapped, model = run([Nothing()])
+    assert wrapped == plain
+    assert "training_step" not in vars(model)
+
+
+def test_an_instance_training_step_of_the_users_is_restored():
+    torch.manual_seed(0)
+    model = translator(d_model=32)
+    own = model.training_step
+    model.training_step = own  # the user's own instance attribute
+    trainer(max_steps=1, callbacks=[Nothing()]).fit(model, seq2seq_data())
+    assert vars(model)["training_step"] is own
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Checkpoints: test(ckpt_path), save -> resume
+
+
+def test_test_with_ckpt_path_last_after_a_composed_fit(tmp_path):
+    torch.manual_seed(0)
+    student, teacher = translator(d_model=32), translator(d_model=64)
+    callbacks = seq2seq_callbacks(teacher)
+    callbacks["qat"] = QuantizationAwareTraining()  # converts at the end of fit
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit = trainer(max_steps=2, callbacks=[*callbacks.values(), checkpoint], enable_checkpointing=True)
+    fit.fit(student, seq2seq_data())
+    results = fit.test(student, seq2seq_data(), ckpt_path="last", verbose=False)
+    assert results and all(torch.isfinite(torch.tensor(v)) for v in results[0].values())
+
+
+def test_save_and_resume_equals_an_uninterrupted_fit(tmp_path):
+    """One batch per epoch, so the resumed run sees exactly the batches the uninterrupted one did."""
+
+    def run(order, max_epochs, ckpt_path=None, directory=None):
+        torch.manual_seed(0)
+        student, teacher = translator(d_model=32), translator(d_model=64)
+        callbacks = seq2seq_callbacks(teacher)
+        record = RecordLosses()
+        extra = [ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1)] if directory else []
+        fit = trainer(max_epochs=max_epochs, callbacks=[*(callbacks[n] for n in order), record, *extra],
+                      enable_checkpointing=bool(directory))
+        fit.fit(student, seq2seq_data(), ckpt_path=ckpt_path)
+        return record.losses
+
+    uninterrupted = run(NAMES, 4)
+    run(NAMES, 2, directory=tmp_path)
+    (path,) = tmp_path.glob("epoch=1*.ckpt")
+    resumed = run(("adv", "kd", "qat"), 4, ckpt_path=str(path))
+    assert resumed == pytest.approx(uninterrupted[2:], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The VAE (inputs perturbed), DDP
+
+
+def vae_data() -> DataLoader:
+    x = torch.rand(8, 64, generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(x), batch_size=8)
+
+
+def run_vae(order: tuple[str, ...]) -> list[float]:
+    torch.manual_seed(0)
+    student = VAE(input_shape=(64,), latent_dim=4, hidden_dims=(32,))
+    teacher = VAE(input_shape=(64,), latent_dim=4, hidden_dims=(64,))
+    callbacks = {
+        "kd": KnowledgeDistillation(teacher, loss="mse"),
+        "qat": QuantizationAwareTraining(convert_on_fit_end=False),
+        "adv": AdversarialTraining("fgsm", epsilon=0.05, target="inputs", input_range=(0.0, 1.0)),
+    }
+    record = RecordLosses()
+    trainer(max_steps=2, callbacks=[*(callbacks[n] for n in order), record]).fit(student, vae_data())
+    return record.losses
+
+
+def test_vae_with_every_order_on_its_inputs():
+    reference = run_vae(NAMES)
+    for order in itertools.permutations(NAMES):
+        assert run_vae(order) == pytest.approx(reference, rel=1e-6), order
+
+
+@pytest.mark.slow
+def test_ddp_spawn_two_processes_with_every_callback(ddp_spawn):
+    torch.manual_seed(0)
+    student, teacher = translator(d_model=32), translator(d_model=64)
+    callbacks = seq2seq_callbacks(teacher)
+    callbacks["qat"] = QuantizationAwareTraining()
+    robust = RobustnessEvaluation(epsilon=0.5, steps=2, ignore_index=0)
+    fit = trainer(max_steps=2, devices=2, strategy=ddp_spawn, callbacks=[*callbacks.values(), robust],
+                  limit_val_batches=1)
+    fit.fit(student, seq2seq_data(2), seq2seq_data(2))
+    assert "val_robust_acc" in fit.callback_metrics
