@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/qat.py
 	$(BIN)/python benchmarks/adversarial.py
 	$(BIN)/python benchmarks/vae.py
+	$(BIN)/python benchmarks/composition.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

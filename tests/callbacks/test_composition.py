@@ -39,7 +39,11 @@ def seq2seq_data(n: int = 1) -> DataLoader:
 
 def seq2seq_callbacks(teacher: nn.Module) -> dict[str, L.Callback]:
     return {
-        "kd": KnowledgeDistillation(teacher, ignore_index=0, layers={"encoder.layers.0": "encoder.layers.0"}),
+        # A Linear among the matched layers: QAT swaps it, wherever QAT stands in the list.
+        "kd": KnowledgeDistillation(teacher, ignore_index=0, layers={
+            "encoder.layers.0": "encoder.layers.0",
+            "decoder.layers.0.feed_forward.linear1": "decoder.layers.0.feed_forward.linear1",
+        }),
         "qat": QuantizationAwareTraining(convert_on_fit_end=False),
         "adv": AdversarialTraining("pgd", epsilon=0.5, steps=2),
     }

@@ -4,13 +4,18 @@
   by hand; fake quantization is off until ``start_step``; the losses equal a plain QAT loop;
 - multi-input and keyword forwards: Seq2SeqTransformer, VAE, Lightning's ``LightningTransformer``;
 - the converted model validates, tests, predicts, is smaller and saves/reloads for inference;
-- bf16-mixed, two processes (``ddp_spawn``), together with KnowledgeDistillation, save -> resume
-  before and after ``start_step``; bad input.
+- the default layer filter follows the config's granularity (a torchao config's own included);
+- checkpoints: float ones load into the converted model (embeddings too), converted ones load into a
+  fresh float model (``load_from_checkpoint``, ``torch.load(weights_only=True)``), the whole module
+  pickles; a converted model is not fine-tuned again;
+- bf16-mixed, two processes (``ddp_spawn``: the main process gets the converted model), together with
+  KnowledgeDistillation, save -> resume before and after ``start_step``; bad input.
 """
 
 from __future__ import annotations
 
 import copy
+import pickle
 
 import lightning.pytorch as L
 import pytest
@@ -27,8 +32,12 @@ from llmkit.callbacks.quantization import quantized_weight_bytes
 from tests.callbacks.helpers import RecordLosses, seq2seq_batch, trainer, translator
 
 torchao = pytest.importorskip("torchao")
-from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_  # noqa: E402
-from torchao.quantization.granularity import PerGroup  # noqa: E402
+from torchao.quantization import (  # noqa: E402
+    Int8DynamicActivationIntxWeightConfig,
+    IntxWeightOnlyConfig,
+    quantize_,
+)
+from torchao.quantization.granularity import PerAxis, PerGroup  # noqa: E402
 from torchao.quantization.qat import QATConfig  # noqa: E402
 
 pytestmark = [
@@ -207,6 +216,26 @@ def test_vae_keyword_free_forward_and_lightnings_demo_transformer():
     assert demo(tokens[:2, 0], tokens[:2, 1]).shape == (20, 40)
 
 
+@pytest.mark.parametrize("granularity", [PerAxis(0), PerGroup(40)])
+def test_default_filter_follows_a_torchao_configs_granularity(granularity):
+    """A config's own granularity decides (the default `group_size=32` divides no 200-wide layer)."""
+    torch.manual_seed(0)
+    demo = LightningTransformer(vocab_size=40).eval()  # no dropout
+    expected = copy.deepcopy(demo)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=granularity)
+    qat = QuantizationAwareTraining(scheme=config)
+    qat.convert(demo)
+    linears = [name for name, layer in expected.named_modules()
+               if isinstance(layer, nn.Linear) and ".self_attn." not in name and ".multihead_attn." not in name]
+    assert qat.prepared_names == linears and len(linears) == 9
+    # By hand: torchao's flow on every nn.Linear outside nn.MultiheadAttention.
+    quantize_(expected, QATConfig(config, step="prepare"), filter_fn=lambda _, name: name in linears)
+    quantize_(expected, QATConfig(config, step="convert"))
+    tokens = torch.randint(0, 40, (2, 2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(demo(tokens[:, 0], tokens[:, 1]), expected(tokens[:, 0], tokens[:, 1]))
+
+
 def test_embeddings_are_optional():
     torch.manual_seed(0)
     model = translator(32)
@@ -258,19 +287,117 @@ def test_with_knowledge_distillation():
     assert type(teacher.output.weight).__name__ != "IntxUnpackedToInt8Tensor"  # the teacher is left alone
 
 
-def test_ddp_spawn_two_processes(ddp_spawn):
+class RankZeroOutputs(L.Callback):
+    """After QAT converted the model: rank 0's outputs on fixed inputs, sent back as a callback metric."""
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            with torch.no_grad():
+                trainer.callback_metrics["rank_zero_outputs"] = pl_module(fixed_inputs()).detach().clone()
+
+
+def fixed_inputs() -> Tensor:
+    return torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_ddp_spawn_main_process_gets_the_converted_model(ddp_spawn):
+    """Lightning loads rank 0's weights into the main process with a callable `map_location`."""
     torch.manual_seed(0)
     model = Regressor()
-    qat = QuantizationAwareTraining(convert_on_fit_end=False)
-    trainer(devices=2, strategy=ddp_spawn, max_steps=3, callbacks=[qat]).fit(model, regression_data())
-    # The trained (fake-quantized) weights came back to this process; convert them here.
-    qat.convert(model)
+    fit = trainer(devices=2, strategy=ddp_spawn, max_steps=3, callbacks=[QuantizationAwareTraining(), RankZeroOutputs()])
+    fit.fit(model, regression_data())
     assert type(model.net[0].weight).__name__ == "IntxUnpackedToInt8Tensor"
-    assert torch.isfinite(model(torch.randn(2, 32))).all()
+    with torch.no_grad():  # (the workers ran one thread each: float sums in another order)
+        torch.testing.assert_close(model(fixed_inputs()), fit.callback_metrics["rank_zero_outputs"])
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Resume
+# 3. Checkpoints and pickling of the converted model
+
+
+def converted_regressor() -> tuple[Regressor, L.Trainer]:
+    """A Regressor after a fit with QAT (8da4w), and the Trainer that fit it."""
+    torch.manual_seed(0)
+    model = Regressor()
+    fit = trainer(max_steps=2, callbacks=[QuantizationAwareTraining()])
+    fit.fit(model, regression_data())
+    return model, fit
+
+
+@pytest.mark.parametrize("quantize_embeddings", [False, True])
+def test_float_checkpoint_loads_into_the_converted_model(tmp_path, quantize_embeddings):
+    torch.manual_seed(0)
+    model = translator(32)
+    qat = QuantizationAwareTraining(quantize_embeddings=quantize_embeddings)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    data = DataLoader([seq2seq_batch()] * 3, batch_size=None)
+    fit = trainer(max_steps=3, callbacks=[qat, checkpoint], enable_checkpointing=True)
+    fit.fit(model, data)
+    (path,) = tmp_path.glob("*step=2.ckpt")
+    for run in (fit.validate, fit.test, fit.predict):
+        run(model, data, ckpt_path=path, **({} if run == fit.predict else {"verbose": False}))
+    # By hand: the checkpoint's float weights through torchao's prepare and convert steps.
+    expected = translator(32)
+    expected.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    quantize_(expected, QATConfig(base(), step="prepare"), filter_fn=lambda _, name: name in qat.prepared_names)
+    quantize_(expected, QATConfig(base(), step="convert"))
+    if quantize_embeddings:
+        embedding = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+        embeddings = lambda layer, _: isinstance(layer, nn.Embedding)  # noqa: E731
+        quantize_(expected, QATConfig(embedding, step="prepare"), filter_fn=embeddings)
+        quantize_(expected, QATConfig(embedding, step="convert"), filter_fn=embeddings)
+    assert type(model.src_embed.weight).__name__ == type(expected.src_embed.weight).__name__
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["src"], batch["tgt"]), expected(batch["src"], batch["tgt"]))
+
+
+def test_load_from_checkpoint_of_the_converted_model(tmp_path):
+    model, fit = converted_regressor()
+    fit.save_checkpoint(tmp_path / "int4.ckpt")
+    loaded = Regressor.load_from_checkpoint(tmp_path / "int4.ckpt")
+    assert type(loaded.net[0].weight).__name__ == "IntxUnpackedToInt8Tensor"
+    with torch.no_grad():  # 8da4w also quantizes activations: equal outputs mean the same quantized layers
+        torch.testing.assert_close(loaded(fixed_inputs()), model(fixed_inputs()), rtol=0, atol=0)
+        float_outputs = Regressor()
+        float_outputs.load_state_dict({k: v.dequantize() if hasattr(v, "dequantize") else v
+                                       for k, v in model.state_dict().items()})
+        assert not torch.equal(loaded(fixed_inputs()), float_outputs(fixed_inputs()))
+
+
+def test_converted_model_pickles_and_its_state_dict_loads_with_weights_only(tmp_path):
+    model, _ = converted_regressor()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    # As Lightning loads checkpoints: weights only, a callable map_location.
+    state = torch.load(tmp_path / "state.pt", weights_only=True, map_location=lambda storage, _: storage)
+    fresh = Regressor()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        for other in (loaded, fresh):
+            assert type(other.net[0].weight).__name__ == "IntxUnpackedToInt8Tensor"
+            torch.testing.assert_close(other(fixed_inputs()), model(fixed_inputs()), rtol=0, atol=0)
+    # The unpickled module kept its load hooks: float weights are quantized as conversion does.
+    float_state = Regressor().state_dict()
+    loaded.load_state_dict(float_state)
+    expected = Regressor()
+    expected.load_state_dict(float_state)
+    quantize_(expected.net, QATConfig(base(), step="prepare"))
+    quantize_(expected.net, QATConfig(base(), step="convert"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(fixed_inputs()), expected(fixed_inputs()))
+    pickle.dumps(model)
+
+
+def test_a_converted_model_is_not_fine_tuned_again():
+    model, _ = converted_regressor()
+    with pytest.raises(ValueError, match=r"Regressor is already converted \(quantized weights in net\.0, net\.2\)"):
+        trainer(max_steps=2, callbacks=[QuantizationAwareTraining()]).fit(model, regression_data())
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Resume
 
 
 @pytest.mark.parametrize("start_step", [2, 6])
@@ -295,7 +422,7 @@ def test_resume_continues_with_the_same_losses(tmp_path, start_step):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Bad input
+# 5. Bad input
 
 
 def test_bad_arguments():
@@ -303,8 +430,14 @@ def test_bad_arguments():
         QuantizationAwareTraining(scheme="int3")
     with pytest.raises(ValueError, match="`start_step` must be >= 0, got -1"):
         QuantizationAwareTraining(start_step=-1)
-    with pytest.raises(ValueError, match="`group_size` must be at least 1"):
-        QuantizationAwareTraining(group_size=0)
+
+
+@pytest.mark.parametrize(("group_size", "error"), [(2.5, TypeError), (True, TypeError), ("32", TypeError),
+                                                   (0, ValueError), (-1, ValueError)])
+def test_bad_group_size(group_size, error):
+    message = "`group_size` must be a positive int or None" if error is TypeError else "`group_size` must be at least 1"
+    with pytest.raises(error, match=rf"{message}.*got {group_size!r}"):
+        QuantizationAwareTraining(group_size=group_size)
 
 
 def test_nothing_to_quantize():

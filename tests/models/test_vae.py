@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -409,8 +410,6 @@ def test_bad_arguments(kwargs, match):
 
 def test_bad_inputs():
     vae = VAE(input_shape=(64,), latent_dim=2, hidden_dims=(8,))
-    with pytest.raises(ValueError, match="`x` must have shape \\[batch, 64\\] for this VAE, got \\[4, 1, 8, 8\\]"):
-        vae.training_step(torch.rand(4, 1, 8, 8), 0)
     with pytest.raises(ValueError, match="Bernoulli likelihood needs `x` in \\[0, 1\\], got values in \\[0, 16\\]"):
         vae.training_step((16 * torch.rand(4, 64)).round(), 0)
     with pytest.raises(TypeError, match="`x` must be a floating-point tensor, got dtype torch\\.int64"):
@@ -426,3 +425,109 @@ def test_bad_inputs():
     # Gaussian data may take any value.
     gaussian = VAE(input_shape=(64,), latent_dim=2, hidden_dims=(8,), likelihood="gaussian")
     assert torch.isfinite(gaussian.loss_terms(16 * torch.rand(4, 64))["loss"])
+
+
+MLP_SHAPE = re.escape("`x` must have shape [B, 64] (input_shape=(64,)), got ")
+CONV_SHAPE = re.escape("`x` must have shape [B, 1, 8, 8] (input_shape=(1, 8, 8)), got ")
+
+
+def _mlp(**kwargs) -> VAE:
+    return VAE(input_shape=(64,), latent_dim=2, hidden_dims=(8,), **kwargs)
+
+
+def _conv() -> VAE:
+    return VAE(input_shape=(1, 8, 8), architecture="conv", latent_dim=2, hidden_dims=(4,))
+
+
+# Each way in: the error comes before any network sees the batch.
+ENTRY_POINTS = {
+    "forward": lambda vae, x: vae(x),
+    "encode": lambda vae, x: vae.encode(x),
+    "training_step": lambda vae, x: vae.training_step((x, torch.zeros(len(x))), 0),
+    "loss_terms": lambda vae, x: vae.loss_terms(x),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize(
+    ("make", "x", "match"),
+    [
+        (_mlp, torch.rand(4, 65), MLP_SHAPE + re.escape("[4, 65]") + "$"),
+        (_mlp, torch.rand(4, 1, 8, 8), MLP_SHAPE + re.escape("[4, 1, 8, 8]: images, but this VAE takes flat") + ".*"
+         + re.escape("flatten them with `x.flatten(1)`")),
+        (_mlp, torch.rand(2, 3, 64), MLP_SHAPE + re.escape("[2, 3, 64]: too many dimensions (3, expected 2)")),
+        (_conv, torch.rand(4, 64), CONV_SHAPE + re.escape("[4, 64]: flat examples, but this VAE takes images") + ".*"
+         + re.escape("reshape with `x.view(-1, 1, 8, 8)`")),
+        (_conv, torch.rand(8, 8), CONV_SHAPE + re.escape("[8, 8]: too few dimensions (2, expected 4)")),
+        (_conv, torch.rand(4, 1, 8, 9), CONV_SHAPE + re.escape("[4, 1, 8, 9]") + "$"),
+    ],
+)
+def test_wrong_shapes_name_the_expected_and_the_given_shape(make, x, match, entry):
+    with pytest.raises(ValueError, match=match):
+        ENTRY_POINTS[entry](make(), x)
+
+
+@pytest.mark.parametrize("make", [_mlp, _conv])
+def test_one_example_without_a_batch_dimension(make):
+    vae = make()
+    x = torch.rand(vae.input_shape)
+    with pytest.raises(ValueError, match=re.escape("one example without its batch dimension; use `x[None]`")):
+        vae(x)
+    assert vae(x[None])[0].shape == (1, *vae.input_shape)
+    assert vae.reconstruct(x).shape == vae.input_shape  # the inference methods take one example
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_nan_and_inf_values_are_refused(entry, likelihood):
+    vae = _mlp(likelihood=likelihood)
+    all_nan = re.escape("`x` must be finite, got 256 NaN and 0 inf values among 256 (shape [4, 64])")
+    with pytest.raises(ValueError, match=all_nan):
+        ENTRY_POINTS[entry](vae, torch.full((4, 64), math.nan))
+    x = torch.rand(4, 64)
+    x[1, 3], x[2, 5], x[3, 7] = math.nan, math.inf, -math.inf
+    with pytest.raises(ValueError, match=re.escape("`x` must be finite, got 1 NaN and 2 inf values among 256")):
+        ENTRY_POINTS[entry](vae, x)
+    x = torch.rand(4, 64)
+    x[0, 0] = -math.inf
+    with pytest.raises(ValueError, match=re.escape("`x` must be finite, got 0 NaN and 1 inf values")):
+        ENTRY_POINTS[entry](vae, x)
+
+
+def test_nan_is_refused_by_every_inference_method_and_step():
+    vae = _mlp()
+    nan = torch.full((2, 64), math.nan)
+    finite = "must be finite, got 128 NaN"
+    with pytest.raises(ValueError, match=f"`x` {finite}"):
+        vae.reconstruct(nan)
+    with pytest.raises(ValueError, match=f"`x_noisy` {finite}"):
+        vae.denoise(nan)
+    with pytest.raises(ValueError, match=f"`x1` {finite}"):
+        vae.interpolate(nan, torch.rand(2, 64))
+    with pytest.raises(ValueError, match=f"`x` {finite}"):
+        vae.log_likelihood(nan, num_samples=2)
+    for step in (vae.validation_step, vae.test_step, vae.predict_step):
+        with pytest.raises(ValueError, match=f"`x` {finite}"):
+            step(nan, 0)
+
+
+def test_check_inputs_false_skips_the_values_but_not_the_shape():
+    vae = _mlp(check_inputs=False)
+    _, mu, _ = vae(torch.full((4, 64), math.nan))
+    assert mu.isnan().all()
+    with pytest.raises(ValueError, match=MLP_SHAPE + re.escape("[4, 65]")):
+        vae(torch.rand(4, 65))
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_values_are_checked_once_per_training_step(monkeypatch):
+    vae = _mlp()
+    calls = []
+    check = VAE._check_values
+    monkeypatch.setattr(VAE, "_check_values", lambda self, x, name: calls.append(name) or check(self, x, name))
+    vae.training_step((torch.rand(4, 64), torch.zeros(4)), 0)
+    assert calls == ["x"]  # one fused reduction and one host sync per batch
+    calls.clear()
+    vae.reconstruct(torch.rand(4, 64))
+    vae.log_likelihood(torch.rand(4, 64), num_samples=2)
+    assert calls == ["x", "x"]

@@ -23,6 +23,7 @@ from llmkit.adversarial import (
     check_objective,
     check_target,
     frozen_norm_statistics,
+    make_perturbation,
     quiet_logging,
     resolve_steps,
     unwrap_loss,
@@ -166,7 +167,7 @@ class AdversarialTraining(ComposingCallback):
                 "runs its own backward, which the callback cannot extend; use llmkit.adversarial.attack in it instead"
             )
         # After QuantizationAwareTraining's swaps (an earlier layer): the hooks land on the modules that run.
-        self._perturbation = Perturbation(
+        self._perturbation = make_perturbation(
             pl_module, self.target, embeddings=self.embeddings, pad_id=self.pad_id, inputs=self.inputs,
             input_range=self.input_range,
         )
@@ -415,7 +416,7 @@ class RobustnessEvaluation(L.Callback):
             # The logits come from this module's forward (found as KnowledgeDistillation finds it).
             self._forward_name = forward_module_name(pl_module, kwargs["forward_module"], role="module") or None
         if kwargs["target"] == "embeddings":
-            Perturbation(pl_module, "embeddings", embeddings=kwargs["embeddings"]).remove()
+            make_perturbation(pl_module, "embeddings", embeddings=kwargs["embeddings"]).remove()
 
     @override
     def on_validation_batch_end(

@@ -104,11 +104,14 @@ class VAE(L.LightningModule):
         weight_decay: Adam's weight decay.
         test_nll_samples: importance samples for ``test_nll`` (0: not computed).
         active_threshold: variance of a latent's mean above which it counts as active.
-        check_inputs: check shapes and (Bernoulli) value ranges of every batch.
+        check_inputs: check the values of every batch: finite, and in [0, 1] for a Bernoulli
+            likelihood (one fused reduction and one host sync per batch). Types and shapes are
+            always checked.
 
     Raises:
         ValueError: If an argument is out of range (``latent_dim < 1``, ``beta < 0``, an unknown
-            ``likelihood``, ...).
+            ``likelihood``, ...); later, at ``forward``, ``encode``, a step or an inference method,
+            if a batch has the wrong shape or NaN, inf or out-of-range values (:meth:`check_input`).
 
     Example:
         >>> import torch
@@ -207,25 +210,74 @@ class VAE(L.LightningModule):
     # The model
 
     def check_input(self, x: Tensor, name: str = "x") -> None:
-        """Raise if ``x`` is not a float ``[B, *input_shape]`` batch (in [0, 1] for a Bernoulli likelihood)."""
+        """Raise unless ``x`` is a float ``[B, *input_shape]`` batch of finite values.
+
+        The type and shape are checked on the host, always. With ``check_inputs=True`` the values
+        are checked too (finite, and in [0, 1] for a Bernoulli likelihood) by one fused reduction,
+        ``aminmax`` (a NaN propagates to both ends, an inf shows at one), and one host sync.
+
+        Args:
+            x: the batch, ``[B, *input_shape]``.
+            name: the argument's name in error messages.
+
+        Raises:
+            TypeError: If ``x`` is not a floating-point tensor.
+            ValueError: If ``x`` does not have the shape ``[B, *input_shape]`` (the message says
+                whether dimensions are missing or an image/flat layout was mixed up), holds NaN or
+                inf values, or (Bernoulli likelihood) values outside [0, 1].
+        """
         if not isinstance(x, Tensor):
             raise TypeError(f"`{name}` must be a tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(self._shape_error(x, name))
+        if self.hp.check_inputs and x.numel():
+            self._check_values(x, name)
+
+    def _shape_error(self, x: Tensor, name: str) -> str:
+        dims = ", ".join(map(str, self.input_shape))
+        message = f"`{name}` must have shape [B, {dims}] (input_shape={self.input_shape}), got {list(x.shape)}"
+        want_ndim = len(self.input_shape) + 1
+        same_size = x.ndim >= 2 and math.prod(x.shape[1:]) == math.prod(self.input_shape)
+        if same_size and x.ndim == 2 and want_ndim == 4:
+            return f"{message}: flat examples, but this VAE takes images; reshape with `x.view(-1, {dims})`"
+        if same_size and want_ndim == 2:
+            return f"{message}: images, but this VAE takes flat examples; flatten them with `x.flatten(1)`"
+        if tuple(x.shape) == self.input_shape:
+            return f"{message}: one example without its batch dimension; use `x[None]`"
+        if x.ndim < want_ndim:
+            return f"{message}: too few dimensions ({x.ndim}, expected {want_ndim})"
+        if x.ndim > want_ndim:
+            return f"{message}: too many dimensions ({x.ndim}, expected {want_ndim})"
+        return message
+
+    def _check_values(self, x: Tensor, name: str) -> None:
+        # One fused reduction for both checks: a NaN propagates to min and max, an inf shows at one
+        # end. The first `.item()` waits for it (the one host sync); the second is a copy.
+        low, high = (value.item() for value in torch.aminmax(x.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            num_nan, num_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
             raise ValueError(
-                f"`{name}` must have shape [batch, {', '.join(map(str, self.input_shape))}] for this VAE, "
-                f"got {list(x.shape)}"
+                f"`{name}` must be finite, got {num_nan} NaN and {num_inf} inf values among {x.numel()} "
+                f"(shape {list(x.shape)})"
             )
-        if self.hp.check_inputs and self.hp.likelihood == "bernoulli" and x.numel():
-            low, high = (value.item() for value in torch.aminmax(x))
-            if low < 0 or high > 1:
-                raise ValueError(
-                    f"a Bernoulli likelihood needs `{name}` in [0, 1], got values in [{low:.4g}, {high:.4g}]"
-                )
+        if self.hp.likelihood == "bernoulli" and (low < 0 or high > 1):
+            raise ValueError(f"a Bernoulli likelihood needs `{name}` in [0, 1], got values in [{low:.4g}, {high:.4g}]")
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x`` ``[B, *input_shape]`` -> ``mu``, ``logvar`` of ``q(z | x)``, each ``[B, L]``."""
+        """``x`` ``[B, *input_shape]`` -> ``mu``, ``logvar`` of ``q(z | x)``, each ``[B, L]``.
+
+        Raises:
+            TypeError: If ``x`` is not a floating-point tensor.
+            ValueError: If ``x`` has the wrong shape or (``check_inputs=True``) NaN, inf or
+                out-of-range values; see :meth:`check_input`.
+        """
+        self.check_input(x)
+        return self._encode(x)
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # For callers that have checked `x` already (one check, one host sync, per batch).
         mu, logvar = self.encoder(x)
         return mu, logvar
 
@@ -244,6 +296,11 @@ class VAE(L.LightningModule):
 
         ``z`` is drawn from ``q(z | x)``; ``x_hat_params`` are the logits (Bernoulli) or the mean
         (Gaussian) of ``p(x | z)``.
+
+        Raises:
+            TypeError: If ``x`` is not a floating-point tensor.
+            ValueError: If ``x`` has the wrong shape or (``check_inputs=True``) NaN, inf or
+                out-of-range values; see :meth:`check_input`.
         """
         mu, logvar = self.encode(x)
         return self.decode(self.reparameterize(mu, logvar)), mu, logvar
@@ -320,9 +377,12 @@ class VAE(L.LightningModule):
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """The mean of ``p(x | z = mu(x))`` for ``x`` ``[B, *input_shape]`` (or one example)."""
-        batch, single = self._as_batch(x, "x")
+        return self._reconstruct(x, "x")
+
+    def _reconstruct(self, x: Tensor, name: str) -> Tensor:
+        batch, single = self._as_batch(x, name)
         with self._inference():
-            out = self.mean(self.decode(self.encode(batch)[0])).float()
+            out = self.mean(self.decode(self._encode(batch)[0])).float()
         return out[0] if single else out
 
     def denoise(self, x_noisy: Tensor) -> Tensor:
@@ -333,7 +393,7 @@ class VAE(L.LightningModule):
         """
         if isinstance(x_noisy, Tensor) and self.hp.likelihood == "bernoulli":
             x_noisy = x_noisy.clamp(0.0, 1.0)
-        return self.reconstruct(x_noisy)
+        return self._reconstruct(x_noisy, "x_noisy")
 
     def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 8) -> Tensor:
         """Decode ``steps`` points on the line between the latent means of ``x1`` and ``x2``.
@@ -353,7 +413,7 @@ class VAE(L.LightningModule):
         if a.shape != b.shape:
             raise ValueError(f"`x1` and `x2` must have the same shape, got {list(x1.shape)} and {list(x2.shape)}")
         with self._inference():
-            mu_a, mu_b = self.encode(a)[0], self.encode(b)[0]
+            mu_a, mu_b = self._encode(a)[0], self._encode(b)[0]
             weights = torch.linspace(0, 1, steps, device=mu_a.device, dtype=mu_a.dtype)[None, :, None]
             z = torch.lerp(mu_a[:, None], mu_b[:, None], weights)  # (B, steps, L)
             out = self.mean(self.decode(z.flatten(0, 1))).float().view(a.shape[0], steps, *self.input_shape)
@@ -384,7 +444,7 @@ class VAE(L.LightningModule):
         if chunk_size is None:
             chunk_size = max(1, 2**22 // max(1, batch * math.prod(self.input_shape)))
         with self._inference():
-            mu, logvar = (t.float() for t in self.encode(x))
+            mu, logvar = (t.float() for t in self._encode(x))
             std = torch.exp(0.5 * logvar)
             total: Tensor | None = None
             for start in range(0, num_samples, chunk_size):
@@ -409,8 +469,7 @@ class VAE(L.LightningModule):
             raise ValueError(
                 f"a batch must be a tensor x or a tuple/list whose first item is x, got {type(batch).__name__}"
             )
-        self.check_input(x)
-        return x
+        return x  # checked by `encode`, once per batch
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         """``recon + beta_t * KL``; logs ``train_elbo``, ``train_recon``, ``train_kl``.
@@ -419,6 +478,11 @@ class VAE(L.LightningModule):
         VAE, so the three values are summed on the device and logged as their means over the last
         ``Trainer(log_every_n_steps=...)`` steps, on the steps where Lightning hands them to the
         logger (and on the first step, for the progress bar).
+
+        Raises:
+            TypeError: If ``x`` is not a floating-point tensor.
+            ValueError: If the batch is not ``x`` or a tuple/list starting with ``x``, or ``x`` has
+                the wrong shape or (``check_inputs=True``) NaN, inf or out-of-range values.
         """
         x = self._unpack(batch)
         terms = self.loss_terms(x)
