@@ -9,6 +9,7 @@ the composed loss (KD's term on the clean pass around AdversarialTraining's mix)
 from __future__ import annotations
 
 import itertools
+import math
 
 import lightning.pytorch as L
 import pytest
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from llmkit import VAE
+from llmkit.adversarial import quiet_logging
 from llmkit.callbacks import (
     AdversarialTraining,
     KnowledgeDistillation,
@@ -102,7 +104,8 @@ def test_composed_loss_is_distillation_on_the_clean_pass_around_the_adversarial_
         return output + delta * mask
 
     handles = [m.register_forward_hook(add_delta) for m in (expected_student.src_embed, expected_student.tgt_embed)]
-    clean = expected_student.training_step(batch, 0)
+    with quiet_logging(expected_student):
+        clean = expected_student.training_step(batch, 0)
     grads = torch.autograd.grad(clean, deltas)
     norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt().clamp_min(1e-12)
     handles_values = [eps * g / norm.reshape(-1, 1, 1) for g in grads]
@@ -113,7 +116,8 @@ def test_composed_loss_is_distillation_on_the_clean_pass_around_the_adversarial_
         m.register_forward_hook(lambda mod, args, out: out + next(sites) * (args[0] != 0).unsqueeze(-1).to(out.dtype))
         for m in (expected_student.src_embed, expected_student.tgt_embed)
     ]
-    adv = expected_student.training_step(batch, 0)
+    with quiet_logging(expected_student):
+        adv = expected_student.training_step(batch, 0)
     for h in handles:
         h.remove()
     s_logits = expected_student(batch["src"], batch["tgt"][:, :-1])
@@ -121,7 +125,7 @@ def test_composed_loss_is_distillation_on_the_clean_pass_around_the_adversarial_
     mask = batch["tgt"][:, 1:] != 0
     kl = F.kl_div(F.log_softmax(s_logits / 2, -1), F.softmax(t_logits / 2, -1), reduction="none").sum(-1) * 4
     kd = kl[mask].mean()
-    expected = (1 - alpha) * ((1 - w) * clean + w * adv) + alpha * kd
+    expected = float(((1 - alpha) * ((1 - w) * clean + w * adv) + alpha * kd).detach())
 
     for order in ((0, 1), (1, 0)):
         torch.manual_seed(0)
@@ -131,7 +135,7 @@ def test_composed_loss_is_distillation_on_the_clean_pass_around_the_adversarial_
         record = RecordLosses()
         fit = trainer(max_steps=1, callbacks=[callbacks[order[0]], callbacks[order[1]], record])
         fit.fit(model, seq2seq_data())
-        assert record.losses[0] == pytest.approx(float(expected), rel=1e-5)
+        assert record.losses[0] == pytest.approx(expected, rel=1e-5)
         # The logged task loss is the clean pass's, whatever else runs.
         assert float(fit.callback_metrics["train_task_loss"]) == pytest.approx(float(clean), rel=1e-5)
 
@@ -253,8 +257,8 @@ def vae_data() -> DataLoader:
 
 def run_vae(order: tuple[str, ...]) -> list[float]:
     torch.manual_seed(0)
-    student = VAE(input_shape=(64,), latent_dim=4, hidden_dims=(32,))
-    teacher = VAE(input_shape=(64,), latent_dim=4, hidden_dims=(64,))
+    student = VAE(input_shape=(64,), latent_dim=32, hidden_dims=(32,))
+    teacher = VAE(input_shape=(64,), latent_dim=32, hidden_dims=(64,))
     callbacks = {
         "kd": KnowledgeDistillation(teacher, loss="mse"),
         "qat": QuantizationAwareTraining(convert_on_fit_end=False),
@@ -282,3 +286,63 @@ def test_ddp_spawn_two_processes_with_every_callback(ddp_spawn):
                   limit_val_batches=1)
     fit.fit(student, seq2seq_data(2), seq2seq_data(2))
     assert "val_robust_acc" in fit.callback_metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Hugging Face models wrapped in a user's LightningModule, every callback with its defaults
+
+
+def run_hf(kind: str, order: tuple[str, ...], steps: int = 2, **fit_kwargs) -> tuple[list[float], L.LightningModule]:
+    hf = pytest.importorskip("tests.callbacks.hf")
+    torch.manual_seed(0)
+    module, train, _ = hf.make(kind)
+    callbacks = {
+        "kd": KnowledgeDistillation(hf.fresh_copy(module)),
+        "qat": QuantizationAwareTraining(convert_on_fit_end=False),
+        "adv": AdversarialTraining(),
+    }
+    record = RecordLosses()
+    trainer(max_steps=steps, callbacks=[*(callbacks[n] for n in order), record], **fit_kwargs).fit(module, train)
+    return record.losses, module
+
+
+@pytest.mark.parametrize("kind", ["t5", "bert"])
+def test_hugging_face_models_with_every_order(kind):
+    reference, _ = run_hf(kind, NAMES)
+    assert all(torch.isfinite(torch.tensor(reference)))
+    for order in itertools.permutations(NAMES):
+        losses, _ = run_hf(kind, order)
+        assert losses == pytest.approx(reference, rel=1e-6, abs=1e-7), order
+
+
+@pytest.mark.parametrize("kind", ["t5", "bert"])
+def test_hugging_face_module_as_before_then_test_with_ckpt_path(kind, tmp_path):
+    hf = pytest.importorskip("tests.callbacks.hf")
+    torch.manual_seed(0)
+    module, train, val = hf.make(kind)
+    before = snapshot(module)
+    robust = RobustnessEvaluation(epsilon=0.5, steps=2)
+    callbacks = [AdversarialTraining(), KnowledgeDistillation(hf.fresh_copy(module)), robust]
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit = trainer(max_epochs=1, limit_train_batches=2, callbacks=[*callbacks, checkpoint], enable_checkpointing=True,
+                  limit_val_batches=1)
+    fit.fit(module, train, val)
+    assert snapshot(module) == before
+    assert {"val_robust_acc", "val_clean_acc", "train_kd_loss", "train_adv_loss"} <= set(fit.callback_metrics)
+    fit.validate(module, val, ckpt_path="last", verbose=False)
+    # Now quantized: the attack in validation still measures (straight-through gradients).
+    qat = QuantizationAwareTraining()
+    trainer(max_steps=1, callbacks=[qat]).fit(module, train)
+    results = trainer(callbacks=[robust], limit_val_batches=1).validate(module, val, verbose=False)
+    assert math.isfinite(results[0]["val_robust_acc"])
+
+
+def test_robustness_evaluation_needs_a_forward_module_it_can_find():
+    from tests.callbacks.test_distillation import TwoModels, classification_data
+
+    record = RecordLosses()
+    with pytest.raises(ValueError, match=r"pass `forward_module` naming the one whose forward"):
+        trainer(max_steps=1, callbacks=[RobustnessEvaluation(target="inputs"), record]).fit(
+            TwoModels(), classification_data()
+        )
+    assert record.losses == []  # at setup, before any step

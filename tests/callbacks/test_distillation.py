@@ -410,3 +410,81 @@ def test_training_step_that_never_calls_forward():
         Detour(), classification_data()
     )
     assert len(record.losses) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Numerics and widths
+
+
+def test_minus_infinity_teacher_logits_give_the_finite_kl_of_kl_div():
+    """A masked vocabulary (-inf logits): the correct KL is finite, as F.kl_div(log_softmax(s/T), softmax(t/T))."""
+    torch.manual_seed(0)
+    student = torch.randn(4, 6, 7, requires_grad=True)
+    teacher = torch.randn(4, 6, 7)
+    teacher[..., 5:] = float("-inf")  # two classes the teacher never gives mass
+    loss = distillation_loss(student, teacher, temperature=2.0)
+    oracle = F.kl_div(F.log_softmax(student / 2, -1), F.softmax(teacher / 2, -1), reduction="none").sum(-1).mean() * 4
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, oracle)
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+    # Reverse KL where both put no mass on a class (-inf in both) is finite too.
+    both = student.detach().clone()
+    both[..., 6:] = float("-inf")
+    teacher[..., 6:] = float("-inf")
+    teacher[..., 5] = 0.0
+    reverse = distillation_loss(both, teacher, temperature=1.0, loss="reverse_kl")
+    expected = F.kl_div(F.log_softmax(teacher[..., :6], -1), F.softmax(both[..., :6], -1), reduction="none")
+    torch.testing.assert_close(reverse, expected.sum(-1).mean())
+
+
+class WeightOnlyRMSNorm(nn.Module):
+    """A norm that keeps no ``normalized_shape`` (Hugging Face's LlamaRMSNorm style)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("norm", [nn.RMSNorm, WeightOnlyRMSNorm, lambda width: nn.LayerNorm(width)])
+def test_widths_are_read_through_a_final_norm(norm):
+    torch.manual_seed(0)
+    student, teacher = Classifier(width=8), Classifier(width=32)
+    student.net.insert(1, norm(8))
+    teacher.net.insert(1, norm(32))
+    kd = KnowledgeDistillation(teacher, layers={"net.0": "net.0", "net.1": "net.1"})
+    trainer(max_steps=2, callbacks=[kd]).fit(student, classification_data())
+    assert sorted(kd.projections) == ["0", "1"]
+    assert [(p.in_features, p.out_features) for p in kd.projections.values()] == [(8, 32), (8, 32)]
+
+
+class TwoModels(L.LightningModule):
+    """No forward of its own and two children: which one gives the logits is not for us to guess."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.head = nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.encoder(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_an_ambiguous_forward_module_fails_at_setup_naming_the_argument():
+    record = RecordLosses()
+    kd = KnowledgeDistillation(TwoModels())
+    with pytest.raises(ValueError, match=r"TwoModels defines no forward of its own and has 2 submodules with "
+                                         r"parameters \('encoder', 'head'\); pass `forward_module`"):
+        trainer(max_steps=1, callbacks=[kd, record]).fit(TwoModels(), classification_data())
+    assert record.losses == []  # before any step
+    record = RecordLosses()
+    trainer(max_steps=1, callbacks=[KnowledgeDistillation(TwoModels(), forward_module="head"), record]).fit(
+        TwoModels(), classification_data()
+    )
+    assert len(record.losses) == 1
