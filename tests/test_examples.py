@@ -118,3 +118,12 @@ def test_every_example_has_a_test():
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
 def test_examples_have_a_docstring(script):
     assert (EXAMPLES / script).read_text().lstrip().startswith('"""')
+
+
+def test_compose_callbacks():
+    out = run("compose_callbacks.py", "--teacher-steps", "10", "--steps", "4", "--d-model", "64", "--high", "300")
+    rows = re.findall(r"^(kd, qat, adv|adv, qat, kd)\s+(\S+)\s+(\S+)\s+(\d+)$", out, re.M)
+    assert len(rows) == 2 and rows[0][1:3] == rows[1][1:3], out
+    assert all(left == "0" for *_, left in rows)
+    assert float(re.search(r"largest loss difference between the two orders: (\S+)", out).group(1)) == 0.0
+    assert float(re.search(r"after conversion: (\S+)x", out).group(1)) < 0.35

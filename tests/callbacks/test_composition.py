@@ -9,7 +9,12 @@ the composed loss (KD's term on the clean pass around AdversarialTraining's mix)
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
@@ -225,18 +230,32 @@ def test_test_with_ckpt_path_last_after_a_composed_fit(tmp_path):
     assert results and all(torch.isfinite(torch.tensor(v)) for v in results[0].values())
 
 
-def test_save_and_resume_equals_an_uninterrupted_fit(tmp_path):
+def seq2seq_case() -> tuple[L.LightningModule, dict[str, L.Callback], DataLoader]:
+    torch.manual_seed(0)
+    student, teacher = translator(d_model=32), translator(d_model=64)
+    return student, seq2seq_callbacks(teacher), seq2seq_data()
+
+
+def t5_case() -> tuple[L.LightningModule, dict[str, L.Callback], DataLoader]:
+    hf = pytest.importorskip("tests.callbacks.hf")
+    torch.manual_seed(0)
+    module = hf.make("t5")[0]
+    callbacks = {"kd": KnowledgeDistillation(hf.fresh_copy(module)), "qat": QuantizationAwareTraining(),
+                 "adv": AdversarialTraining("pgd", steps=2)}
+    return module, callbacks, hf.loader("t5", batches=1)
+
+
+@pytest.mark.parametrize("case", [seq2seq_case, t5_case], ids=["seq2seq", "t5"])
+def test_save_and_resume_equals_an_uninterrupted_fit(case, tmp_path):
     """One batch per epoch, so the resumed run sees exactly the batches the uninterrupted one did."""
 
     def run(order, max_epochs, ckpt_path=None, directory=None):
-        torch.manual_seed(0)
-        student, teacher = translator(d_model=32), translator(d_model=64)
-        callbacks = seq2seq_callbacks(teacher)
+        module, callbacks, data = case()
         record = RecordLosses()
         extra = [ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1)] if directory else []
         fit = trainer(max_epochs=max_epochs, callbacks=[*(callbacks[n] for n in order), record, *extra],
                       enable_checkpointing=bool(directory))
-        fit.fit(student, seq2seq_data(), ckpt_path=ckpt_path)
+        fit.fit(module, data, ckpt_path=ckpt_path)
         return record.losses
 
     uninterrupted = run(NAMES, 4)
@@ -346,3 +365,18 @@ def test_robustness_evaluation_needs_a_forward_module_it_can_find():
             TwoModels(), classification_data()
         )
     assert record.losses == []  # at setup, before any step
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_launched_as_torchrun_does(tmp_path):
+    """``strategy="ddp"`` (not spawn): each rank is its own process, as under torchrun or SLURM."""
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(root / "tests" / "callbacks" / "ddp_fit.py"), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weight"] == ranks[1]["weight"] == "IntxUnpackedToInt8Tensor"  # converted on both
+    assert ranks[0]["logits"] == pytest.approx(ranks[1]["logits"], abs=1e-6)  # the same model on both
+    assert len(ranks[0]["losses"]) == 2 and all(math.isfinite(x) for x in ranks[0]["losses"])

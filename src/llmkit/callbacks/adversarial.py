@@ -91,7 +91,8 @@ class AdversarialTraining(ComposingCallback):
         adv_weight: ``w`` above, in ``(0, 1]``; 1 trains on adversarial samples only (Madry et al.).
         random_start: start the attack from a random point of the ball (default: fgsm only; it
             costs one more pass).
-        embeddings: names of the embedding modules to perturb (default: every ``nn.Embedding``).
+        embeddings: name(s) of the embedding modules to perturb (default: a Hugging Face model's
+            token embeddings, else every ``nn.Embedding``).
         pad_id: token id never perturbed (default: each embedding's ``padding_idx``).
         inputs: keys or indices of the batch tensors to perturb (default: every float tensor).
         input_range: ``(low, high)`` the perturbed inputs are clamped to, e.g. ``(0.0, 1.0)`` for pixels.
@@ -125,9 +126,9 @@ class AdversarialTraining(ComposingCallback):
         target: str = "embeddings",
         adv_weight: float = 0.5,
         random_start: bool | None = None,
-        embeddings: Sequence[str] | None = None,
+        embeddings: str | Sequence[str] | None = None,
         pad_id: int | None = None,
-        inputs: Sequence[str | int] | None = None,
+        inputs: str | int | Sequence[str | int] | None = None,
         input_range: tuple[float, float] | None = None,
     ) -> None:
         self.config = AttackConfig(method, epsilon, alpha, resolve_steps(method, steps, 3), norm, random_start)
@@ -375,9 +376,9 @@ class RobustnessEvaluation(L.Callback):
         norm: str | None = None,
         random_start: bool | None = None,
         target: str = "embeddings",
-        embeddings: Sequence[str] | None = None,
+        embeddings: str | Sequence[str] | None = None,
         pad_id: int | None = None,
-        inputs: Sequence[str | int] | None = None,
+        inputs: str | int | Sequence[str | int] | None = None,
         input_range: tuple[float, float] | None = None,
         loss_fn: Callable[[nn.Module, Any], Any] | None = None,
         forward_module: str | None = None,
