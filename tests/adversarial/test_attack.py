@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.adversarial import attack, straight_through_quantized
-from tests.adversarial.hf_models import SITE_SHAPES
+from tests.callbacks.hf import EMBEDDING_SHAPES
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face models, defaults only
@@ -16,9 +16,10 @@ from tests.adversarial.hf_models import SITE_SHAPES
 
 def hf_loss_with_deltas(kind, model, batch, deltas):
     """The oracle: HF's own ``inputs_embeds`` API, fed the token embeddings plus the attack's deltas."""
-    embed = model.get_input_embeddings()
+    embed, mask = model.get_input_embeddings(), batch["attention_mask"]
     if kind == "bert":
-        return model(inputs_embeds=embed(batch["input_ids"]) + deltas[0], labels=batch["labels"]).loss
+        return model(inputs_embeds=embed(batch["input_ids"]) + deltas[0], attention_mask=mask,
+                     labels=batch["labels"]).loss
     if kind == "t5":
         decoder_ids = model._shift_right(batch["labels"])
     else:
@@ -27,6 +28,7 @@ def hf_loss_with_deltas(kind, model, batch, deltas):
         decoder_ids = shift_tokens_right(batch["labels"], model.config.pad_token_id, model.config.decoder_start_token_id)
     return model(
         inputs_embeds=embed(batch["input_ids"]) + deltas[0],
+        attention_mask=mask,
         decoder_inputs_embeds=embed(decoder_ids) + deltas[1],
         labels=batch["labels"],
     ).loss
@@ -36,7 +38,7 @@ def test_hf_models_are_attacked_on_their_token_embeddings_with_defaults(hf):
     kind, module, batch = hf
     flags = [p.requires_grad for p in module.parameters()]
     result = attack(module, batch, steps=3)
-    assert [tuple(d.shape) for d in result.perturbation] == SITE_SHAPES[kind]
+    assert [tuple(d.shape) for d in result.perturbation] == EMBEDDING_SHAPES[kind]
     assert float(result.loss) > float(result.clean_loss)
     norms = torch.stack([d.flatten(1).pow(2).sum(1) for d in result.perturbation]).sum(0).sqrt()
     assert float(norms.max()) <= 1.0 + 1e-5

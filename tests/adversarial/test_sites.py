@@ -14,7 +14,16 @@ from llmkit.adversarial import (
     find_embeddings,
     make_perturbation,
 )
-from tests.adversarial.hf_models import BATCH, SITE_SHAPES, SOURCE, TOKEN_EMBEDDINGS, WIDTH, HFModule, bert
+from tests.callbacks.hf import (
+    BATCH_SIZE,
+    EMBEDDING_SHAPES,
+    SOURCE_LEN,
+    TOKEN_EMBEDDINGS,
+    VOCAB,
+    WIDTH,
+    HFModule,
+    build,
+)
 
 
 class Tokens(nn.Module):
@@ -63,6 +72,7 @@ def test_a_bare_string_is_one_name():
     assert sites.site_names == ["x"] and [tuple(d.shape) for d in sites.deltas] == [(2, 3)]
 
 
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")  # training_step outside a Trainer
 def test_hf_models_get_their_token_embeddings_only(hf):
     kind, module, batch = hf
     sites = make_perturbation(module, "embeddings")
@@ -71,7 +81,7 @@ def test_hf_models_get_their_token_embeddings_only(hf):
     with torch.no_grad(), sites.applied(batch, fresh=True) as perturbed:
         module.training_step(perturbed, 0)
     sites.check_sites(batch)
-    assert [tuple(d.shape) for d in sites.deltas] == SITE_SHAPES[kind]
+    assert [tuple(d.shape) for d in sites.deltas] == EMBEDDING_SHAPES[kind]
     sites.remove()
     assert hooked(module) == []
 
@@ -103,12 +113,12 @@ def test_sites_without_a_shared_batch_axis_are_named():
 
 def test_hf_position_embeddings_named_by_hand_are_named_in_the_error():
     # BERT's position embedding is [1, T, D] (BART's is expanded to [B, T, D] in transformers 5).
-    module = HFModule(bert())
+    module = HFModule(build("bert"))
     names = ["model.bert.embeddings.word_embeddings", "model.bert.embeddings.position_embeddings"]
     sites = make_perturbation(module, "embeddings", embeddings=names)
     with torch.no_grad(), sites.applied(None, fresh=True):
-        module.model(input_ids=torch.randint(3, 64, (BATCH, SOURCE)))
-    assert [tuple(d.shape) for d in sites.deltas] == [(BATCH, SOURCE, WIDTH), (1, SOURCE, WIDTH)]
+        module.model(input_ids=torch.randint(3, VOCAB, (BATCH_SIZE, SOURCE_LEN)))
+    assert [tuple(d.shape) for d in sites.deltas] == [(BATCH_SIZE, SOURCE_LEN, WIDTH), (1, SOURCE_LEN, WIDTH)]
     match = (r"from 'model.bert.embeddings.word_embeddings', 'model.bert.embeddings.position_embeddings'; .*"
              r"`embeddings=\['model.bert.embeddings.word_embeddings'\]`")
     with pytest.raises(ValueError, match=match):

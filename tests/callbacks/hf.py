@@ -12,6 +12,7 @@ milliseconds on one CPU thread.
 - :func:`loader` ``(kind, *, batches, batch_size, seed)`` -> a DataLoader of dict batches;
 - :func:`make` ``(kind, *, seed)`` -> ``(module, train_loader, val_loader)``;
 - :func:`fresh_copy` ``(module, *, seed)`` -> a module of the same config with other weights (a teacher).
+- :data:`TOKEN_EMBEDDINGS`, :data:`EMBEDDING_SHAPES` each kind's token embeddings and their shapes on :func:`batch`.
 
 Pad id 0 everywhere; padding sits on the right; ``labels`` hold ``-100`` at padded positions
 (seq2seq and LM) or one class per sample (BERT).
@@ -167,3 +168,20 @@ def kind_of(module: HFModule) -> str:
 def fresh_copy(module: HFModule, *, seed: int = 1) -> HFModule:
     """A module of the same kind and config with weights drawn from ``seed`` (e.g. a teacher)."""
     return HFModule(build(kind_of(module), seed=seed), lr=module.hparams.lr)
+
+
+BATCH_SIZE = 4  # the default batch size of batch() and loader()
+# The token embeddings of each kind, as named in an HFModule (the shared table, then the encoder's and decoder's).
+TOKEN_EMBEDDINGS = {
+    "t5": ["model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens"],
+    "bart": ["model.model.shared", "model.model.encoder.embed_tokens", "model.model.decoder.embed_tokens"],
+    "bert": ["model.bert.embeddings.word_embeddings"],
+    "gpt2": ["model.transformer.wte"],
+}
+# The shapes of the token embeddings computed on a default batch(kind): the input's, then the decoder's.
+EMBEDDING_SHAPES = {
+    "t5": [(BATCH_SIZE, SOURCE_LEN, WIDTH), (BATCH_SIZE, TARGET_LEN, WIDTH)],
+    "bart": [(BATCH_SIZE, SOURCE_LEN, WIDTH), (BATCH_SIZE, TARGET_LEN, WIDTH)],
+    "bert": [(BATCH_SIZE, SOURCE_LEN, WIDTH)],
+    "gpt2": [(BATCH_SIZE, SOURCE_LEN, WIDTH)],
+}
