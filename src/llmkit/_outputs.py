@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 TARGET_KEYS = ("labels", "label", "targets", "target", "tgt", "y")
+#: The target value that counts for nothing when no ``ignore_index`` is given (PyTorch's and Hugging Face's).
+IGNORE_INDEX = -100
 
 
 def default_logits(output: Any) -> Tensor:
@@ -71,12 +73,15 @@ def aligned_targets(
     return target.reshape(logits.shape[:-1])
 
 
-def forward_module_name(module: nn.Module, name: str | None, *, role: str = "module") -> str:
+def forward_module_name(
+    module: nn.Module, name: str | None, *, role: str = "module", exclude: Collection[str] = ()
+) -> str:
     """The name of the submodule whose forward computes ``module``'s logits (``""``: ``module`` itself).
 
     ``name`` if given (checked to exist); else ``""`` when ``module`` defines its own ``forward``;
     else, when ``module`` has exactly one child with parameters (a LightningModule whose
-    ``training_step`` calls ``self.model(...)``, as Hugging Face wrappers do), that child's name.
+    ``training_step`` calls ``self.model(...)``, as Hugging Face wrappers do), that child's name;
+    children named in ``exclude`` (added by a callback for the fit) do not count.
 
     Raises:
         ValueError: If ``name`` names no submodule, or none is given and the module has no forward
@@ -87,7 +92,9 @@ def forward_module_name(module: nn.Module, name: str | None, *, role: str = "mod
         return name
     if _defines_forward(module):
         return ""
-    children = [(n, c) for n, c in module.named_children() if next(c.parameters(), None) is not None]
+    children = [
+        (n, c) for n, c in module.named_children() if n not in exclude and next(c.parameters(), None) is not None
+    ]
     if len(children) == 1:
         return children[0][0]
     found = ", ".join(repr(n) for n, _ in children) or "none"
@@ -133,3 +140,21 @@ def is_causal_lm(module: nn.Module) -> bool:
     if config is None or getattr(config, "is_encoder_decoder", False) or not callable(can_generate):
         return False
     return bool(can_generate())
+
+
+def unwrap_loss(output: Any) -> Tensor | None:
+    """The loss in what a ``training_step`` returns: the tensor itself, or the ``"loss"`` entry.
+
+    Raises:
+        TypeError: If ``output`` is neither a tensor nor a mapping whose ``"loss"`` is one.
+
+    Example:
+        >>> unwrap_loss({"loss": torch.tensor(1.0), "logits": None})
+        tensor(1.)
+    """
+    if output is None:
+        return None
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"the loss must be a tensor or a dict with 'loss', got {type(output).__name__}")
+    return loss

@@ -380,3 +380,85 @@ def test_ddp_two_processes_launched_as_torchrun_does(tmp_path):
     assert ranks[0]["weight"] == ranks[1]["weight"] == "IntxUnpackedToInt8Tensor"  # converted on both
     assert ranks[0]["logits"] == pytest.approx(ranks[1]["logits"], abs=1e-6)  # the same model on both
     assert len(ranks[0]["losses"]) == 2 and all(math.isfinite(x) for x in ranks[0]["losses"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The composed step against a textbook loop (BatchNorm included)
+
+
+def test_distillation_around_fgm_equals_the_textbook_loop_with_batch_norm():
+    """Weights after 3 SGD steps of KD + FGM equal a hand-written loop.
+
+    Per step: the clean pass (delta = 0) gives the FGM direction; the adversarial pass runs at
+    ``eps * g / ||g||``; the gradient is that of ``(1 - a)((1 - w) clean + w adv) + a KD(clean)``.
+    BatchNorm's running statistics are updated by both passes (both are trained on), in place, as
+    a plain loop updates them.
+    """
+    from tests.callbacks.test_adversarial import TokenClassifier, loader, token_batches
+
+    alpha, w, eps, temperature = 0.4, 0.5, 0.3, 2.0
+    batches = token_batches(3)
+    torch.manual_seed(0)
+    student, teacher = TokenClassifier(batch_norm=True), TokenClassifier(batch_norm=True).eval()
+    plain = TokenClassifier(batch_norm=True)
+    plain.load_state_dict(student.state_dict())
+    for order in ((0, 1), (1, 0)):
+        model = TokenClassifier(batch_norm=True)
+        model.load_state_dict(student.state_dict())
+        callbacks = [KnowledgeDistillation(teacher, alpha=alpha, temperature=temperature),
+                     AdversarialTraining("fgm", epsilon=eps, adv_weight=w)]
+        trainer(max_steps=3, callbacks=[callbacks[i] for i in order]).fit(model, loader(batches))
+        if order == (0, 1):
+            first = model
+        else:
+            for (name, a), b in zip(first.state_dict().items(), model.state_dict().values(), strict=True):
+                torch.testing.assert_close(a, b, msg=name)
+
+    optimizer = torch.optim.SGD(plain.parameters(), lr=plain.lr)
+    params = list(plain.parameters())
+    for ids, y in batches:
+        mask = (ids != 0).unsqueeze(-1).float()
+        delta = torch.zeros(*ids.shape, 6, requires_grad=True)
+        logits = plain.from_embeddings(plain.emb(ids) + delta * mask, ids)
+        clean = F.cross_entropy(logits, y)
+        (g,) = torch.autograd.grad(clean, delta, retain_graph=True)
+        g = g * mask
+        with torch.no_grad():
+            soft = teacher(ids)
+        kd = F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(soft / temperature, -1),
+                      reduction="none").sum(-1).mean() * temperature**2
+        first_grads = torch.autograd.grad((1 - alpha) * (1 - w) * clean + alpha * kd, params)
+        step = eps * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, 1, 1)
+        adv = F.cross_entropy(plain.from_embeddings(plain.emb(ids) + step * mask, ids), y)
+        last_grads = torch.autograd.grad((1 - alpha) * w * adv, params)
+        optimizer.zero_grad()
+        for p, g1, g2 in zip(params, first_grads, last_grads, strict=True):
+            p.grad = g1 + g2
+        optimizer.step()
+    for (name, a), b in zip(plain.state_dict().items(), first.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, msg=name, rtol=1e-5, atol=1e-6)
+
+
+def test_the_module_pickles_and_deep_copies_in_the_middle_of_a_fit():
+    """Weight-averaging callbacks deep-copy the module mid-fit; users torch.save it."""
+    import copy
+    import io
+
+    class CopyMidFit(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.copy = copy.deepcopy(pl_module)
+            buffer = io.BytesIO()
+            torch.save(pl_module, buffer)
+            buffer.seek(0)
+            self.loaded = torch.load(buffer, weights_only=False)
+
+    torch.manual_seed(0)
+    student, teacher = translator(d_model=32), translator(d_model=64)
+    callbacks = seq2seq_callbacks(teacher)
+    spy = CopyMidFit()
+    trainer(max_steps=1, callbacks=[*callbacks.values(), spy]).fit(student, seq2seq_data())
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        expected = student(batch["src"], batch["tgt"][:, :-1])
+        for other in (spy.copy, spy.loaded):
+            torch.testing.assert_close(other(batch["src"], batch["tgt"][:, :-1]), expected)

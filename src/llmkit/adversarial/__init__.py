@@ -28,8 +28,9 @@ The parts: :mod:`~llmkit.adversarial.settings` (:class:`AttackConfig`),
 :mod:`~llmkit.adversarial.attack` (:func:`attack`).
 """
 
+from llmkit._outputs import unwrap_loss
 from llmkit.adversarial.attack import AttackResult, attack, check_delta_grads, margin_loss
-from llmkit.adversarial.isolation import RNGReplay, frozen_norm_statistics, quiet_logging, unwrap_loss
+from llmkit.adversarial.isolation import RNGReplay, frozen_norm_statistics, quiet_logging
 from llmkit.adversarial.quantized import straight_through_quantized
 from llmkit.adversarial.settings import (
     METHODS,

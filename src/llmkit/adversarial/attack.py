@@ -11,8 +11,15 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from llmkit._outputs import aligned_targets, default_logits, forward_module_name, is_causal_lm
-from llmkit.adversarial.isolation import RNGReplay, frozen_norm_statistics, quiet_logging, unwrap_loss
+from llmkit._outputs import (
+    IGNORE_INDEX,
+    aligned_targets,
+    default_logits,
+    forward_module_name,
+    is_causal_lm,
+    unwrap_loss,
+)
+from llmkit.adversarial.isolation import RNGReplay, frozen_norm_statistics, quiet_logging
 from llmkit.adversarial.quantized import straight_through_quantized
 from llmkit.adversarial.settings import AttackConfig, check_objective, resolve_steps
 from llmkit.adversarial.sites import Perturbation, make_perturbation
@@ -59,7 +66,7 @@ class AttackResult:
         if output is None:
             raise RuntimeError("the attacked loss did not call the model's forward, so no outputs were captured")
         logits = logits_fn(output)
-        ignore = -100 if ignore_index is None else ignore_index
+        ignore = IGNORE_INDEX if ignore_index is None else ignore_index
         target = aligned_targets(batch, logits, target_fn, shift_fill=ignore if self.shifted else None)
         keep = target != ignore
         correct = ((logits.argmax(-1) == target) & keep).sum()
@@ -95,7 +102,7 @@ class _Objective:
         if output is None:
             raise RuntimeError("objective='margin' needs the logits, but the loss did not call the forward")
         logits = self.logits_fn(output)
-        ignore = -100 if self.ignore_index is None else self.ignore_index
+        ignore = IGNORE_INDEX if self.ignore_index is None else self.ignore_index
         target = aligned_targets(self.batch, logits, self.target_fn, shift_fill=ignore if self.shifted else None)
         return margin_loss(logits, target, ignore), loss, output
 

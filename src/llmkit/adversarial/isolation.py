@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
@@ -64,21 +63,3 @@ def quiet_logging(model: nn.Module) -> Iterator[None]:
     finally:
         for name in names:
             delattr(model, name)
-
-
-def unwrap_loss(output: Any) -> Tensor | None:
-    """The loss in what a ``training_step`` returns: the tensor itself, or the ``"loss"`` entry.
-
-    Raises:
-        TypeError: If ``output`` is neither a tensor nor a mapping whose ``"loss"`` is one.
-
-    Example:
-        >>> unwrap_loss({"loss": torch.tensor(1.0), "logits": None})
-        tensor(1.)
-    """
-    if output is None:
-        return None
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"the loss must be a tensor or a dict with 'loss', got {type(output).__name__}")
-    return loss

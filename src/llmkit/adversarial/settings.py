@@ -6,14 +6,12 @@ import difflib
 import math
 from dataclasses import dataclass
 
+from llmkit._checks import is_number
+
 METHODS = ("fgm", "fgsm", "pgd", "freelb")
 OBJECTIVES = ("loss", "margin")
 NORMS = ("l2", "linf")
 TARGETS = ("embeddings", "inputs")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -54,10 +52,10 @@ class AttackConfig:
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
             )
         # Not `> 0` alone: inf passes it, and an infinite ball turns the weights into NaN.
-        if not _is_number(self.epsilon) or not math.isfinite(self.epsilon) or not self.epsilon > 0:
+        if not is_number(self.epsilon) or not math.isfinite(self.epsilon) or not self.epsilon > 0:
             raise ValueError(f"`epsilon` must be a number > 0 and finite, got {self.epsilon!r}")
         if self.alpha is not None and (
-            not _is_number(self.alpha) or not math.isfinite(self.alpha) or not self.alpha > 0
+            not is_number(self.alpha) or not math.isfinite(self.alpha) or not self.alpha > 0
         ):
             raise ValueError(f"`alpha` must be > 0 and finite (or None), got {self.alpha!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:

@@ -14,11 +14,20 @@ attaches *all* of the Trainer's composing callbacks, sorted by their :attr:`~Com
 - layer 20, ``AdversarialTraining``: runs the module's own ``training_step`` for each of its passes
   (clean, attack, adversarial) and combines their losses.
 
+A layer that runs several passes (adversarial training) frees each pass's graph within the step;
+an outer layer's term on the clean pass (distillation's) is therefore a *clean term*: registered
+with :meth:`Composition.add_clean_term`, evaluated by the inner layer right after its clean pass,
+its parameter gradients taken there and handed back (:attr:`Composition.clean_term_grads`) to
+join Lightning's backward through :func:`add_gradients`. No graph outlives its pass, so later
+passes may update BatchNorm statistics in place.
+
 What a callback may change goes through the composition, which records it and undoes it in reverse
 order at ``teardown`` or on an exception: one ``training_step`` attribute on the instance (the
 wrappers, nested in layer order), forward and state-dict hooks, and submodules that train with the
 module (kept out of its ``state_dict`` and checkpoints; the callback that owns them saves them in
-its own state). After ``fit`` the module is exactly what it was before.
+its own state). After ``fit`` the module is exactly what it was before, except for what
+``QuantizationAwareTraining`` does on purpose: its fake-quantized (or, after conversion,
+quantized) layers stay.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import lightning.pytorch as L
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
@@ -84,16 +94,18 @@ class Composition:
     """
 
     def __init__(self, module: L.LightningModule, trainer: L.Trainer) -> None:
-        self.module = module
-        self.trainer: weakref.ReferenceType[L.Trainer] = weakref.ref(trainer)
+        # Weak, so that the registry (keyed weakly by the module) never keeps a module alive.
+        self._module: weakref.ReferenceType[L.LightningModule] = weakref.ref(module)
+        self.trainer: weakref.ReferenceType[L.Trainer] | None = weakref.ref(trainer)
         self.callbacks: list[ComposingCallback] = []
         #: ``"clean"``, ``"attack"`` or ``"adversarial"``: what the current call of the module's step is.
         self.pass_kind = CLEAN
         #: What the module's own ``training_step`` returned on this step's clean pass.
         self.clean_output: Any = None
-        #: Set by a layer that reads the clean pass's outputs after the layers below return: they
-        #: must then keep the clean pass's autograd graph for the final backward.
-        self.keep_clean_graph = False
+        #: ``(gradients, scale, parameters)`` of the clean terms, where an inner layer took them within
+        #: the step: one gradient (or ``None``) per parameter, of ``scale`` times the terms' sum.
+        self.clean_term_grads: tuple[list[Tensor | None], Tensor | float, list[nn.Parameter]] | None = None
+        self._clean_terms: list[Callable[[], Tensor | None]] = []
         self._wrappers: list[tuple[int, StepWrapper]] = []
         self._undo: list[Callable[[], None]] = []
         self._hidden: dict[str, nn.Module] = {}
@@ -107,7 +119,7 @@ class Composition:
         """Attach every composing callback of ``trainer`` to ``module``, once per fit, in layer order."""
         existing = _COMPOSITIONS.get(module)
         if existing is not None:
-            if existing.trainer() is trainer:
+            if existing.trainer is not None and existing.trainer() is trainer:
                 return existing
             existing.undo()  # left attached by a fit that did not end (another Trainer's)
         composition = cls(module, trainer)
@@ -137,14 +149,40 @@ class Composition:
         """The composition attached to ``module``, if any."""
         return _COMPOSITIONS.get(module)
 
+    @property
+    def module(self) -> L.LightningModule:
+        """The module the callbacks are attached to."""
+        module = self._module()
+        if module is None:
+            raise RuntimeError("the module of this composition no longer exists")
+        return module
+
+    @property
+    def hidden_names(self) -> tuple[str, ...]:
+        """Names of the submodules added for this fit (:meth:`add_submodule`)."""
+        return tuple(self._hidden)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A module pickled or deep-copied mid-fit (torch.save, weight averaging) carries its wrappers;
+        # weak references do not pickle: the copy belongs to no Trainer and holds its module strongly.
+        state = dict(vars(self))
+        state["_module"], state["trainer"] = self.module, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        module = state.pop("_module")
+        vars(self).update(state)
+        self._module = lambda: module  # type: ignore[assignment]
+
     def undo(self) -> None:
         """Detach the callbacks and undo every recorded change, last first."""
-        if _COMPOSITIONS.get(self.module) is self:
-            del _COMPOSITIONS[self.module]
+        module = self.module
+        if _COMPOSITIONS.get(module) is self:
+            del _COMPOSITIONS[module]
         errors: list[BaseException] = []
         for callback in reversed(self.callbacks):
             try:
-                callback._detach(self.module)
+                callback._detach(module)
             except Exception as error:  # keep unwinding; report the first failure after
                 errors.append(error)
         while self._undo:
@@ -185,6 +223,24 @@ class Composition:
             self.add_handle(module.register_load_state_dict_post_hook(allow))  # type: ignore[no-untyped-call]
         self._hidden[name] = submodule
 
+    def add_clean_term(self, term: Callable[[], Tensor | None]) -> None:
+        """Register an outer layer's term on the clean pass (a 0-d tensor, already weighted, or ``None``).
+
+        A layer that frees the clean pass's graph within the step calls :meth:`clean_terms` right
+        after that pass; otherwise the outer layer computes its term after the layers below return.
+        """
+        self._clean_terms.append(term)
+
+    @property
+    def has_clean_terms(self) -> bool:
+        """Whether an outer layer computes a term on the clean pass."""
+        return bool(self._clean_terms)
+
+    def clean_terms(self) -> Tensor | None:
+        """The sum of the registered clean terms, evaluated now (``None`` if there is none)."""
+        values = [value for term in self._clean_terms if (value := term()) is not None]
+        return torch.stack(values).sum() if values else None
+
     @contextlib.contextmanager
     def pass_of(self, kind: str) -> Iterator[None]:
         """The calls of the module's step in the block are ``kind`` passes (``"attack"``, ...)."""
@@ -215,8 +271,12 @@ class Composition:
         if self._step is None or trainer is None or not trainer.training:
             # Called outside the fit's training loop: by an attack in validation, or by hand.
             return original(*args, **kwargs)
-        self.pass_kind, self.clean_output = CLEAN, None
-        return self._step(*args, **kwargs)
+        self.pass_kind, self.clean_output, self.clean_term_grads = CLEAN, None, None
+        try:
+            return self._step(*args, **kwargs)
+        finally:
+            # Nothing of this step outlives it (the clean loss, the clean terms' gradients).
+            self.clean_output = self.clean_term_grads = None
 
     def _record(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         output = original(*args, **kwargs)
@@ -243,5 +303,52 @@ def _drop_hidden(hidden: dict[str, nn.Module], module: nn.Module, state_dict: di
 
 
 def _allow_hidden(hidden: dict[str, nn.Module], module: nn.Module, incompatible: Any) -> None:
+    # Keys are relative to the module load_state_dict was called on (this one, or a parent).
     missing = incompatible.missing_keys
-    missing[:] = [k for k in missing if k.split(".", 1)[0] not in hidden]
+    missing[:] = [k for k in missing if not any(f".{name}." in f".{k}" for name in hidden)]
+
+
+class _AddGradients(torch.autograd.Function):
+    """Returns ``value``; its backward gives each parameter a gradient already computed."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, value: Tensor, grads: list[Tensor | None], unscale: Tensor | float, *params: Tensor
+    ) -> Tensor:
+        ctx.grads, ctx.unscale = grads, unscale
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> Any:
+        grads: list[Tensor | None] = list(ctx.grads)
+        ctx.grads = None  # nothing of the step's gradients outlives this backward
+        index = [i for i, g in enumerate(grads) if g is not None]
+        if index:  # one multiplication per tensor, by the loss scale / accumulation factor
+            present = [grads[i] for i in index]
+            factor = grad_output.to(present[0].dtype) * ctx.unscale  # type: ignore[union-attr]
+            for i, g in zip(index, torch._foreach_mul(present, factor), strict=True):  # type: ignore[arg-type]
+                grads[i] = g
+        return (None, None, None, *grads)
+
+
+def add_gradients(
+    value: Tensor, grads: list[Tensor | None], scale: Tensor | float, params: list[nn.Parameter]
+) -> Tensor:
+    """``value`` (detached); its backward adds ``grads / scale`` to ``params``, times its incoming gradient.
+
+    How gradients computed inside ``training_step`` (of passes whose graphs are freed there) join
+    the one backward Lightning runs on the returned loss: scaled by that backward's incoming
+    gradient (loss scaling, gradient accumulation, the weights of outer layers), reaching the
+    parameters (and DDP's gradient hooks) through autograd like any other gradient.
+
+    Args:
+        value: the 0-d value the gradients belong to.
+        grads: one gradient (or ``None``) per parameter, of ``scale * value``.
+        scale: what the gradients were taken at (a loss scale), divided back here.
+        params: the parameters, in the order of ``grads``.
+    """
+    if not any(g is not None for g in grads):
+        return value.detach()
+    unscale = 1.0 / scale
+    added: Tensor = _AddGradients.apply(value.detach(), grads, unscale, *params)  # type: ignore[no-untyped-call]
+    return added

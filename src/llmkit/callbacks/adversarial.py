@@ -28,33 +28,7 @@ from llmkit.adversarial import (
     resolve_steps,
     unwrap_loss,
 )
-from llmkit.callbacks._composition import ADVERSARIAL, ATTACK, CLEAN, ComposingCallback, Composition
-
-
-class _AddGradients(torch.autograd.Function):
-    """Returns ``value``; its backward gives each parameter a gradient already computed.
-
-    How the gradients of passes run inside ``training_step`` (the clean pass, FreeLB's ascent
-    passes) join the one backward Lightning runs on the returned loss: scaled by that backward's
-    incoming gradient (loss scaling, gradient accumulation), reaching the parameters (and DDP's
-    gradient hooks) through autograd like any other gradient.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, value: Tensor, grads: list[Tensor | None], unscale: float, *params: Tensor) -> Tensor:
-        ctx.grads, ctx.unscale = grads, unscale
-        return value.detach().clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> Any:
-        grads: list[Tensor | None] = list(ctx.grads)
-        index = [i for i, g in enumerate(grads) if g is not None]
-        if index:  # one multiplication per tensor, by the loss scale / accumulation factor
-            present = [grads[i] for i in index]
-            factor = grad_output.to(present[0].dtype) * ctx.unscale  # type: ignore[union-attr]
-            for i, g in zip(index, torch._foreach_mul(present, factor), strict=True):  # type: ignore[arg-type]
-                grads[i] = g
-        return (None, None, None, *grads)
+from llmkit.callbacks._composition import ADVERSARIAL, ATTACK, CLEAN, ComposingCallback, Composition, add_gradients
 
 
 class AdversarialTraining(ComposingCallback):
@@ -208,10 +182,13 @@ class _AdversarialStep:
         self.rng = RNGReplay(module.device, random=self.config.starts_random)
         self.params = [p for p in module.parameters() if p.requires_grad]
         # Under fp16 loss scaling, the gradients taken here are of the scaled loss (else they
-        # underflow), and divided back as they join Lightning's (scaled) backward.
+        # underflow), and divided back as they join Lightning's (scaled) backward. The scale stays
+        # a tensor on the device: no host sync.
         trainer = module._trainer
         scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
-        self.scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self.scale: Tensor | float = 1.0
+        if scaler is not None and scaler.is_enabled():
+            self.scale = scaler.scale(torch.ones((), device=module.device))
         # Parameter gradients of passes before the last, weighted as in the objective.
         self.carried: list[Tensor | None] = [None] * len(self.params)
         self.delta_grads: list[Tensor | None] = []
@@ -248,7 +225,7 @@ class _AdversarialStep:
             return
         # The weight scales the loss, not each gradient: the deltas' steps do not depend on their
         # gradient's scale (normalised or signs), so one multiplication serves both.
-        scaled = loss * (self.scale * weight if weight > 0 else self.scale)
+        scaled = loss * self.scale * (weight if weight > 0 else 1.0)
         grads: list[Tensor | None] = list(torch.autograd.grad(scaled, wanted, allow_unused=True, retain_graph=retain))
         self.delta_grads = check_delta_grads(grads[: len(deltas)]) if with_deltas else []
         for i, g in enumerate(grads[len(deltas):]):
@@ -259,21 +236,27 @@ class _AdversarialStep:
     def clean_pass(self) -> tuple[Tensor | None, Any]:
         """The clean loss; its gradient (weight ``1 - w``) and, without a random start, the first step's.
 
-        Not trained on (``adv_weight=1``), it changes no BatchNorm statistic. Its graph is kept
-        when an outer layer (distillation) reads the clean pass's outputs after this step.
+        Not trained on (``adv_weight=1``), it changes no BatchNorm statistic. The outer layers'
+        terms on the clean pass (distillation's) are evaluated here and their gradients taken
+        too, for them to add: no graph of this pass outlives it.
         """
-        config, w, keep = self.config, self.w, self.composition.keep_clean_graph
+        config, w, composition = self.config, self.w, self.composition
+        terms = composition.has_clean_terms
         with contextlib.ExitStack() as stack:
             if w == 1.0:
                 stack.enter_context(frozen_norm_statistics(self.module))
-                if config.starts_random and not keep:
+                if config.starts_random and not terms:
                     stack.enter_context(torch.no_grad())
             clean, output = self._pass(CLEAN, fresh=True)
             if clean is None:
                 return None, output
             self.perturbation.check_sites(self.batch)
+            extra = composition.clean_terms() if terms else None
             if clean.requires_grad:
-                self._carry(clean, 1.0 - w, with_deltas=not config.starts_random, retain=keep)
+                self._carry(clean, 1.0 - w, with_deltas=not config.starts_random, retain=extra is not None)
+            if extra is not None and extra.requires_grad:
+                grads = torch.autograd.grad(extra * self.scale, self.params, allow_unused=True)
+                composition.clean_term_grads = (list(grads), self.scale, self.params)
         return clean, output
 
     def random_start(self) -> None:
@@ -314,13 +297,7 @@ class _AdversarialStep:
         w, freelb = self.w, self.config.method == "freelb"
         adv_weight = w / self.config.steps if freelb else w
         constant = (1.0 - w) * clean.detach() + adv_weight * sum(self.adv_terms, torch.zeros_like(adv.detach()))
-        if any(g is not None for g in self.carried):
-            injected = _AddGradients.apply(  # type: ignore[no-untyped-call]
-                constant, self.carried, 1.0 / self.scale, *self.params
-            )
-            total = adv_weight * adv + injected
-        else:
-            total = adv_weight * adv + constant
+        total = adv_weight * adv + add_gradients(constant, self.carried, self.scale, self.params)
         adv_mean = (sum(self.adv_terms, adv.detach()) / (len(self.adv_terms) + 1)) if freelb else adv.detach()
         self.log.update(self.module, {"train_clean_loss": clean.detach(), "train_adv_loss": adv_mean})
         self.perturbation.release()
@@ -415,7 +392,11 @@ class RobustnessEvaluation(L.Callback):
         kwargs = self.attack_kwargs
         if self.accuracy or kwargs["forward_module"]:
             # The logits come from this module's forward (found as KnowledgeDistillation finds it).
-            self._forward_name = forward_module_name(pl_module, kwargs["forward_module"], role="module") or None
+            composition = Composition.of(pl_module)  # its submodules (distillation's projections) do not count
+            exclude = composition.hidden_names if composition is not None else ()
+            self._forward_name = forward_module_name(
+                pl_module, kwargs["forward_module"], role="module", exclude=exclude
+            ) or None
         if kwargs["target"] == "embeddings":
             make_perturbation(pl_module, "embeddings", embeddings=kwargs["embeddings"]).remove()
 

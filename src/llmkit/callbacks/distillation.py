@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -16,9 +17,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from llmkit._checks import is_number
 from llmkit._logging import WindowedMeans
-from llmkit._outputs import aligned_targets, default_logits, forward_module_name, is_causal_lm, named_submodule
-from llmkit.callbacks._composition import CLEAN, ComposingCallback, Composition
+from llmkit._outputs import (
+    IGNORE_INDEX,
+    aligned_targets,
+    default_logits,
+    forward_module_name,
+    is_causal_lm,
+    named_submodule,
+    unwrap_loss,
+)
+from llmkit.callbacks._composition import CLEAN, ComposingCallback, Composition, add_gradients
 
 LOSSES = ("kl", "reverse_kl", "mse")
 LAYER_LOSSES = ("mse", "cosine")
@@ -179,15 +189,15 @@ class KnowledgeDistillation(ComposingCallback):
         layer_weight: float = 1.0,
         teacher_class: type[L.LightningModule] | None = None,
     ) -> None:
-        if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
+        if not is_number(alpha) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
-        if not _is_number(temperature) or not 0 < temperature < math.inf:
+        if not is_number(temperature) or not 0 < temperature < math.inf:
             raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}")
         if loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}")
         if layer_loss not in LAYER_LOSSES:
             raise ValueError(f"`layer_loss` must be one of {LAYER_LOSSES}, got {layer_loss!r}")
-        if not _is_number(layer_weight) or not 0 <= layer_weight < math.inf:
+        if not is_number(layer_weight) or not 0 <= layer_weight < math.inf:
             raise ValueError(f"`layer_weight` must be a finite number >= 0, got {layer_weight!r}")
         if isinstance(layers, str) or (isinstance(layers, Mapping) and not all(isinstance(k, str) for k in layers)):
             raise TypeError(f"`layers` must map student module names to teacher module names, got {layers!r}")
@@ -212,6 +222,8 @@ class KnowledgeDistillation(ComposingCallback):
         self._causal = False
         self._student_call: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
         self._features: dict[str, Tensor] = {}
+        self._batch: Any = None
+        self._term: tuple[Tensor, Tensor, Tensor | None] | None = None  # (weighted sum, kd, layer term)
         self._log = WindowedMeans(("train_task_loss", "train_kd_loss"))
         self._layer_log = WindowedMeans(("train_layer_loss",))
 
@@ -262,14 +274,15 @@ class KnowledgeDistillation(ComposingCallback):
         self._causal = is_causal_lm(student)
         composition.add_handle(student.register_forward_hook(self._capture_student, with_kwargs=True))
         self._attach_layers(pl_module, composition)
-        # The distillation term reads the clean pass's graph after the layers below return.
-        composition.keep_clean_graph = True
+        # A layer below that frees the clean pass's graph (adversarial training) evaluates the
+        # term right after that pass, and takes its gradients there.
+        composition.add_clean_term(self._clean_term)
         composition.wrap_step(self.layer, self._training_step)
         self._composition = composition
 
     @override
     def _detach(self, pl_module: L.LightningModule) -> None:
-        self._composition, self._student_call, self._features = None, None, {}
+        self._composition, self._student_call, self._features, self._term = None, None, {}, None
 
     def _load_teacher(self, pl_module: L.LightningModule) -> nn.Module:
         if self.teacher is not None:
@@ -288,8 +301,8 @@ class KnowledgeDistillation(ComposingCallback):
         for index, (student_name, teacher_name) in enumerate(self.layers.items()):
             student_layer = named_submodule(pl_module, student_name, role="student", argument="layers")
             teacher_layer = named_submodule(self.teacher, teacher_name, role="teacher", argument="layers")
-            composition.add_handle(student_layer.register_forward_hook(self._capture_feature(f"s{index}")))
-            composition.add_handle(teacher_layer.register_forward_hook(self._capture_feature(f"t{index}")))
+            for layer, key in ((student_layer, f"s{index}"), (teacher_layer, f"t{index}")):
+                composition.add_handle(layer.register_forward_hook(functools.partial(self._capture_feature, key)))
             # Widths read from the layers themselves; where one cannot be read (an activation),
             # the outputs must match as they are (checked at the first step).
             student_width, teacher_width = _output_width(student_layer), _output_width(teacher_layer)
@@ -313,6 +326,11 @@ class KnowledgeDistillation(ComposingCallback):
         if missing:
             # configure_optimizers chose its parameters by hand: give the projections the first
             # optimizer's settings.
+            rank_zero_warn(
+                "KnowledgeDistillation adds its layer projections to the first optimizer as a new parameter group "
+                "with its current settings: a learning-rate scheduler made before does not schedule them; return "
+                "`self.parameters()` from configure_optimizers to train them like the rest"
+            )
             optimizer = trainer.optimizers[0]
             defaults = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
             optimizer.add_param_group({**defaults, "params": missing})
@@ -321,18 +339,16 @@ class KnowledgeDistillation(ComposingCallback):
     # Capture (on the clean pass only)
 
     def _clean_pass(self) -> bool:
-        return self._composition is not None and self._composition.pass_kind == CLEAN
+        # Inside this callback's own training step only: nothing is held from validation or by hand.
+        return self._batch is not None and self._composition is not None and self._composition.pass_kind == CLEAN
 
     def _capture_student(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if self._student_call is None and self._clean_pass():
             self._student_call = (args, kwargs, output)
 
-    def _capture_feature(self, key: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if key not in self._features and (key.startswith("t") or self._clean_pass()):
-                self._features[key] = default_logits(output)
-
-        return hook
+    def _capture_feature(self, key: str, module: nn.Module, args: Any, output: Any) -> None:
+        if key not in self._features and self._batch is not None and (key.startswith("t") or self._clean_pass()):
+            self._features[key] = default_logits(output)
 
     # -----------------------------------------------------------------------------------------
     # The loss
@@ -340,12 +356,36 @@ class KnowledgeDistillation(ComposingCallback):
     def _training_step(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         composition = self._composition
         assert composition is not None
-        self._student_call, self._features = None, {}
-        output = inner(*args, **kwargs)
-        if output is None:  # the student skipped this batch
-            return output
-        rest = _loss(output)
-        task = _loss(composition.clean_output)
+        self._student_call, self._features, self._term = None, {}, None
+        self._batch = args[0] if args else kwargs.get("batch")
+        try:
+            output = inner(*args, **kwargs)
+            if output is None:  # the student skipped this batch
+                return output
+            rest, task = unwrap_loss(output), unwrap_loss(composition.clean_output)
+            assert rest is not None and task is not None
+            term, kd, layer = self._term or self._evaluate_term()
+            if composition.clean_term_grads is not None:
+                # The layer below took the term's gradients after its clean pass (and freed its graph).
+                grads, scale, params = composition.clean_term_grads
+                term = add_gradients(term, grads, scale, params)
+            total = (1.0 - self.alpha) * rest + term
+            student = composition.module
+            if layer is not None:
+                self._layer_log.update(student, {"train_layer_loss": layer})
+            self._log.update(student, {"train_task_loss": task, "train_kd_loss": kd})
+        finally:
+            self._student_call, self._features, self._term, self._batch = None, {}, None, None
+        if isinstance(output, Mapping):
+            return {**output, "loss": total}
+        return total
+
+    def _clean_term(self) -> Tensor:
+        """``alpha * KD (+ layer_weight * layer term)`` on the clean pass just run (a clean term)."""
+        self._term = self._evaluate_term()
+        return self._term[0]
+
+    def _evaluate_term(self) -> tuple[Tensor, Tensor, Tensor | None]:
         if self._student_call is None:
             where = f"`{self._forward_name}`" if self._forward_name else "the module's own forward (`self(...)`)"
             raise RuntimeError(
@@ -360,22 +400,17 @@ class KnowledgeDistillation(ComposingCallback):
                 f"teacher and student logits differ in shape: student {tuple(student_logits.shape)}, teacher "
                 f"{tuple(teacher_logits.shape)} (different vocabularies or inputs?)"
             )
-        batch = args[0] if args else kwargs.get("batch")
-        mask = self._mask(batch, student_logits)
+        mask = self._mask(self._batch, student_logits)
         kd = distillation_loss(
             student_logits, teacher_logits, temperature=self.temperature, loss=self.loss, mask=mask
         )
-        total = (1.0 - self.alpha) * rest + self.alpha * kd
-        student = composition.module
+        term = self.alpha * kd
+        layer = None
         if self.layers:
-            layer = self._layer_term(student)
-            total = total + self.layer_weight * layer
-            self._layer_log.update(student, {"train_layer_loss": layer})
-        self._log.update(student, {"train_task_loss": task, "train_kd_loss": kd})
-        self._student_call, self._features = None, {}
-        if isinstance(output, Mapping):
-            return {**output, "loss": total}
-        return total
+            assert self._composition is not None
+            layer = self._layer_term(self._composition.module)
+            term = term + self.layer_weight * layer
+        return term, kd, layer
 
     def _teacher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         assert self.teacher is not None
@@ -388,7 +423,7 @@ class KnowledgeDistillation(ComposingCallback):
             return teacher(*args, **kwargs)
 
     def _mask(self, batch: Any, logits: Tensor) -> Tensor | None:
-        ignore = -100 if self.ignore_index is None else self.ignore_index
+        ignore = IGNORE_INDEX if self.ignore_index is None else self.ignore_index
         shift = ignore if self._causal else None
         if self.ignore_index is None and self.target_fn is None:
             try:
@@ -420,17 +455,3 @@ class KnowledgeDistillation(ComposingCallback):
             else:
                 total = total + (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
         return total / max(1, len(self.layers))
-
-
-def _loss(output: Any) -> Tensor:
-    task = output["loss"] if isinstance(output, Mapping) else output
-    if not isinstance(task, Tensor):
-        raise TypeError(
-            f"KnowledgeDistillation needs training_step to return a loss tensor or a dict with 'loss', "
-            f"got {type(output).__name__}"
-        )
-    return task
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from llmkit.adversarial.quantized import is_quantized_weight
 from llmkit.callbacks._composition import ComposingCallback, Composition
 
 _INT4: torch.dtype = getattr(torch, "int4")  # noqa: B009 (missing from torch's type stubs)
@@ -67,11 +68,6 @@ def _config_group_size(config: Any) -> int | None:
     return group_size if isinstance(group_size, int) else None
 
 
-def _is_quantized(tensor: Any) -> bool:
-    # torchao's quantized tensors are wrapper subclasses made of inner tensors.
-    return isinstance(tensor, Tensor) and hasattr(tensor, "__tensor_flatten__")
-
-
 def _fake_quantized_linears(module: nn.Module) -> list[nn.Module]:
     from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
     from torchao.quantization.qat.linear import FakeQuantizedLinear
@@ -82,7 +78,7 @@ def _fake_quantized_linears(module: nn.Module) -> list[nn.Module]:
 def _converted_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, layer) for name, layer in module.named_modules()
-        if isinstance(layer, nn.Linear | nn.Embedding) and _is_quantized(layer.weight)
+        if isinstance(layer, nn.Linear | nn.Embedding) and is_quantized_weight(layer.weight)
     ]
 
 
@@ -168,7 +164,7 @@ class _SaveQuantized:
     ) -> None:
         for name, param in module.named_parameters(recurse=False):
             value = state_dict.get(prefix + name)
-            if not isinstance(value, Tensor) or not _is_quantized(value):
+            if not isinstance(value, Tensor) or not is_quantized_weight(value):
                 continue
             if value is not param and not isinstance(value, _PortableQuantized):  # keep_vars=True keeps the Parameter
                 state_dict[prefix + name] = _portable(value)
@@ -192,7 +188,7 @@ class _QuantizeOnLoad:
         value = state_dict.get(key)
         if not isinstance(value, Tensor):
             return
-        if _is_quantized(value):
+        if is_quantized_weight(value):
             state_dict[key] = _plain_quantized(value)
         elif value.shape == module.weight.shape:  # a wrong shape is left to load_state_dict's own message
             state_dict[key] = _quantize_weight(module, value, self.config)
