@@ -142,7 +142,7 @@ def test_composed_loss_is_distillation_on_the_clean_pass_around_the_adversarial_
         fit.fit(model, seq2seq_data())
         assert record.losses[0] == pytest.approx(expected, rel=1e-5)
         # The logged task loss is the clean pass's, whatever else runs.
-        assert float(fit.callback_metrics["train_task_loss"]) == pytest.approx(float(clean), rel=1e-5)
+        assert float(fit.callback_metrics["train_task_loss"]) == pytest.approx(clean.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,11 @@ from llmkit.callbacks import (
 from tests.callbacks import hf
 from tests.callbacks.helpers import RecordLosses
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # GPT-2's Conv1D projections stay in float, named in QAT's warning (asserted where it matters).
+    pytest.mark.filterwarnings("ignore:QuantizationAwareTraining leaves .*Conv1D"),
+]
 
 kinds = pytest.mark.parametrize("kind", hf.KINDS)
 STEPS = 3  # one epoch of hf.make's training loader, so that validation runs at its end

@@ -8,7 +8,8 @@
 They compose in any order of ``Trainer(callbacks=[...])``, with the same result: the callbacks
 that change training attach to the module together, at the first ``setup("fit")``, in a fixed
 order (quantization's layer swaps first, then distillation, then adversarial training), and unwind
-in reverse at ``teardown`` or on an exception, leaving the module exactly as it was.
+in reverse at ``teardown`` or on an exception, leaving the module exactly as it was (but for
+``QuantizationAwareTraining``'s fake-quantized or converted layers, its purpose).
 
 - Fake quantization applies to every pass of every step (never to the teacher).
 - ``AdversarialTraining`` runs the module's own ``training_step`` for each of its passes (clean,

@@ -46,6 +46,11 @@ class AdversarialTraining(ComposingCallback):
     backward, so each pass costs one forward and one backward: FGM about 2x a plain step, PGD-k
     and FreeLB-k about (k + 1)x.
 
+    With other llmkit callbacks, in any order in the Trainer's list (see :mod:`llmkit.callbacks`):
+    every pass runs the module's own ``training_step`` (fake-quantized under
+    ``QuantizationAwareTraining``); ``KnowledgeDistillation`` wraps the mix above, its term
+    computed on the clean pass (and differentiated right after it, with the clean term's).
+
     Every pass of a step draws the same dropout masks; BatchNorm statistics change only on passes
     that are trained on; parameters' ``.grad`` is untouched until Lightning's backward; the model
     stays in training mode. The module's ``self.log`` calls count its clean pass only (so its
