@@ -37,6 +37,7 @@ class Idle(L.LightningModule):
     """A step that does nothing: what is left to time is the call itself."""
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
+        """Return the batch."""
         return batch
 
 
@@ -44,7 +45,7 @@ class Training:
     """Stands in for a Trainer that is in its training loop."""
 
     training = True
-    callbacks: list[L.Callback] = []
+    callbacks: tuple[L.Callback, ...] = ()
 
 
 def call_us(module: L.LightningModule, calls: int) -> float:
