@@ -36,7 +36,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import lightning.pytorch as L
 import torch
@@ -49,6 +49,10 @@ _ABSENT = object()
 
 #: ``wrapper(inner, *args, **kwargs)``: one layer of ``training_step``; ``inner`` runs the layers below.
 StepWrapper = Callable[..., Any]
+
+class _Removable(Protocol):
+    def remove(self) -> None: ...
+
 
 _COMPOSITIONS: weakref.WeakKeyDictionary[nn.Module, Composition] = weakref.WeakKeyDictionary()
 
@@ -198,8 +202,8 @@ class Composition:
         """Add a layer around the module's ``training_step`` (lower ``layer``: further outside)."""
         self._wrappers.append((layer, wrapper))
 
-    def add_handle(self, handle: RemovableHandle) -> None:
-        """Remove ``handle`` (a forward or state-dict hook) when the composition is undone."""
+    def add_handle(self, handle: RemovableHandle | _Removable) -> None:
+        """Remove ``handle`` (a hook's, or anything with ``remove()``: perturbation sites) when undone."""
         self._undo.append(handle.remove)
 
     def add_submodule(self, name: str, submodule: nn.Module) -> None:

@@ -151,13 +151,12 @@ class AdversarialTraining(ComposingCallback):
             pl_module, self.target, embeddings=self.embeddings, pad_id=self.pad_id, inputs=self.inputs,
             input_range=self.input_range,
         )
+        composition.add_handle(self._perturbation)  # its hooks come off with the rest
         self._composition = composition
         composition.wrap_step(self.layer, self._training_step)
 
     @override
     def _detach(self, pl_module: L.LightningModule) -> None:
-        if self._perturbation is not None:
-            self._perturbation.remove()
         self._perturbation = self._composition = None
 
     def _training_step(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
