@@ -7,15 +7,21 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
+from llmkit.metrics._sentence_stats import SentenceStatsMetric, signature, yes_no
 from llmkit.metrics._state import add_update_config_state
 from llmkit.metrics.functional._corpus import TextTarget
-from llmkit.metrics.functional.bleu import _bleu_compute, _bleu_update, _check_bleu_args
+from llmkit.metrics.functional.bleu import (
+    SMOOTH_DEFAULTS,
+    _bleu_compute,
+    _bleu_sentence_stats,
+    _check_bleu_args,
+    _split_bleu_stats,
+)
 
 
-class BLEUScore(Metric):
+class BLEUScore(SentenceStatsMetric):
     """Corpus BLEU equal to ``sacrebleu.corpus_bleu(preds, refs, ...).score / 100``.
 
     Scores text with sacrebleu's tokenizers, reproduced exactly, or token ids as words. The
@@ -31,6 +37,9 @@ class BLEUScore(Metric):
         ignore_index: for token ids, the padding id, dropped before counting; a reference row
             that is all padding counts as missing.
         effective_order: average only over the n-gram orders the hypotheses have.
+        keep_sentence_stats: also keep each sentence's statistics ``[N, 2 + 2 * n_gram]`` (sacrebleu's
+            columns: hypothesis words, closest reference words, matches and totals per order),
+            for :mod:`llmkit.metrics.significance`; gathered across processes in rank order.
         kwargs: the keyword arguments of :class:`torchmetrics.Metric`.
 
     ``update(preds, target)`` takes either
@@ -47,6 +56,8 @@ class BLEUScore(Metric):
         >>> metric.update(["the cat is on the mat"], [["there is a cat on the mat", "a cat is on the mat"]])
         >>> round(metric.compute().item(), 4)
         0.7598
+        >>> metric.signature().rsplit("|", 1)[0]
+        'nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp'
     """
 
     is_differentiable = False
@@ -69,6 +80,7 @@ class BLEUScore(Metric):
         lowercase: bool = False,
         ignore_index: int | None = None,
         effective_order: bool = False,
+        keep_sentence_stats: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -85,23 +97,52 @@ class BLEUScore(Metric):
         self.add_state("preds_len", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("target_len", default=torch.tensor(0), dist_reduce_fx="sum")
         add_update_config_state(self, tokenize=tokenize, lowercase=lowercase, ignore_index=ignore_index)
+        self._init_sentence_stats(keep_sentence_stats)
+        # Token ids are words already: sacrebleu's `tok:none`.
+        self._token_ids = False
 
     def update(self, preds: Sequence[str] | Tensor, target: TextTarget | Tensor) -> None:
         """Add a batch of hypotheses and their references to the corpus."""
-        matches, totals, preds_len, target_len = _bleu_update(
+        rows, num_refs = _bleu_sentence_stats(
             preds, target, self.n_gram, self.tokenize, self.lowercase, self.ignore_index
         )
+        self._token_ids = isinstance(preds, Tensor)
+        matches, totals, preds_len, target_len = _split_bleu_stats(rows.sum(0))
         self.matches += matches.to(self.matches.device)
         self.totals += totals.to(self.totals.device)
         self.preds_len += preds_len.to(self.preds_len.device)
         self.target_len += target_len.to(self.target_len.device)
+        self._keep_sentence_stats(rows, num_refs)
 
     def compute(self) -> Tensor:
         """BLEU of the corpus seen so far, a 0-d tensor in [0, 1]."""
-        return _bleu_compute(
+        score = _bleu_compute(
             self.matches, self.totals, self.preds_len, self.target_len,
             self.smooth_method, self.smooth_value, self.effective_order,
         )
+        return score.to(torch.get_default_dtype())
+
+    def num_sentence_stats(self) -> int:
+        """``2 + 2 * n_gram`` columns per sentence."""
+        return 2 + 2 * self.n_gram
+
+    def score_from_stats(self, stats: Tensor) -> Tensor:
+        """BLEU of summed sentence statistics ``[..., 2 + 2 * n_gram]``, as ``[...]`` float64."""
+        return _bleu_compute(*_split_bleu_stats(stats), self.smooth_method, self.smooth_value, self.effective_order)
+
+    def signature(self) -> str:
+        """The signature as sacrebleu writes it: ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:llmkit-...``."""
+        smooth = self.smooth_method
+        default = SMOOTH_DEFAULTS[smooth]
+        if default is not None:
+            smooth += f"[{self.smooth_value if self.smooth_value is not None else default:.2f}]"
+        return signature({
+            "nrefs": int(self.num_refs),
+            "case": "lc" if self.lowercase else "mixed",
+            "eff": yes_no(self.effective_order),
+            "tok": "none" if self._token_ids else self.tokenize,
+            "smooth": smooth,
+        })
 
     def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: _AX_TYPE | None = None) -> _PLOT_OUT_TYPE:
         """Plot one value or a sequence of values of the metric (needs matplotlib).

@@ -68,6 +68,33 @@ def _closest_ref_lens(hyp_lens: Tensor, ref_lens: Tensor, ref_owner: Tensor) -> 
     return best % longest
 
 
+def _bleu_sentence_stats(
+    preds: Sequence[str] | Tensor,
+    target: TextTarget | Tensor,
+    n_gram: int = 4,
+    tokenize: str = "13a",
+    lowercase: bool = False,
+    ignore_index: int | None = None,
+) -> tuple[Tensor, int]:
+    """Count the sufficient statistics of BLEU for each sentence of one batch.
+
+    Returns:
+        ``(rows, num_refs)``: ``rows`` ``[B, 2 + 2 * n_gram]`` int64 in sacrebleu's column order
+        (hypothesis words, closest reference words, clipped matches per order, hypothesis
+        n-grams per order), and the most references a sample had.
+    """
+    corpus = _flatten_bleu_input(preds, target, tokenize, lowercase, ignore_index)
+    matches = clipped_ngram_matches(
+        corpus.hyp_tokens, corpus.hyp_lens, corpus.ref_tokens, corpus.ref_lens, corpus.ref_owner, n_gram
+    )
+    totals = ngram_totals(corpus.hyp_lens, n_gram)
+    hyp_lens = corpus.hyp_lens.long()
+    target_len = _closest_ref_lens(hyp_lens, corpus.ref_lens.long(), corpus.ref_owner)
+    rows = torch.cat([hyp_lens.unsqueeze(1), target_len.unsqueeze(1), matches.T, totals.T], dim=1)
+    num_refs = int(torch.bincount(corpus.ref_owner).max()) if corpus.ref_owner.numel() else 0
+    return rows, num_refs
+
+
 def _bleu_update(
     preds: Sequence[str] | Tensor,
     target: TextTarget | Tensor,
@@ -83,13 +110,14 @@ def _bleu_update(
         n-gram matches and hypothesis n-grams per order, hypothesis words, and closest
         reference words, summed over the batch.
     """
-    corpus = _flatten_bleu_input(preds, target, tokenize, lowercase, ignore_index)
-    matches = clipped_ngram_matches(
-        corpus.hyp_tokens, corpus.hyp_lens, corpus.ref_tokens, corpus.ref_lens, corpus.ref_owner, n_gram
-    )
-    totals = ngram_totals(corpus.hyp_lens, n_gram)
-    target_len = _closest_ref_lens(corpus.hyp_lens.long(), corpus.ref_lens.long(), corpus.ref_owner)
-    return matches.sum(1), totals.sum(1), corpus.hyp_lens.sum(), target_len.sum()
+    rows, _ = _bleu_sentence_stats(preds, target, n_gram, tokenize, lowercase, ignore_index)
+    return _split_bleu_stats(rows.sum(0))
+
+
+def _split_bleu_stats(stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``[..., 2 + 2n]`` summed rows to ``(matches [..., n], totals [..., n], preds_len [...], target_len [...])``."""
+    n_gram = (stats.shape[-1] - 2) // 2
+    return stats[..., 2 : 2 + n_gram], stats[..., 2 + n_gram :], stats[..., 0], stats[..., 1]
 
 
 def _bleu_compute(
@@ -101,23 +129,28 @@ def _bleu_compute(
     smooth_value: float | None = None,
     effective_order: bool = False,
 ) -> Tensor:
-    """BLEU in [0, 1] from its sufficient statistics, as ``sacrebleu.BLEU.compute_bleu`` / 100."""
+    """BLEU in [0, 1] from its sufficient statistics, as ``sacrebleu.BLEU.compute_bleu`` / 100.
+
+    Batched: ``matches``/``totals`` ``[..., n_gram]`` and the lengths ``[...]`` give ``[...]``,
+    in float64 (float32 on MPS), so that significance tests compare scores as sacrebleu does.
+    """
     if smooth_value is None:
         smooth_value = SMOOTH_DEFAULTS[smooth_method]
-    max_order = matches.numel()
+    max_order = matches.shape[-1]
     dtype = sum_dtype(matches.device)
-    correct, total = matches.to(dtype), totals.to(dtype)
+    correct, total = matches.to(dtype), totals.to(dtype).clone()
     if smooth_method == "add-k":
         assert smooth_value is not None
-        correct[1:] += smooth_value
-        total[1:] += smooth_value
+        correct = correct.clone()
+        correct[..., 1:] += smooth_value
+        total[..., 1:] += smooth_value
     # sacrebleu walks the orders up and stops at the first that has no n-gram at all.
-    reached = torch.cumprod((total > 0).long(), 0).bool()
+    reached = torch.cumprod((total > 0).long(), -1).bool()
     missed = correct == 0
     precision = correct / total
     if smooth_method == "exp":
         # Each order without a match halves the smoothed precision again.
-        halvings = torch.cumsum((missed & reached).long(), 0)
+        halvings = torch.cumsum((missed & reached).long(), -1)
         precision = torch.where(missed, 1.0 / (2.0**halvings * total), precision)
     elif smooth_method == "floor":
         assert smooth_value is not None
@@ -126,13 +159,13 @@ def _bleu_compute(
         precision = torch.where(missed, 0.0, precision)
     precision = torch.where(reached, precision, 0.0)
     log_precision = torch.where(precision > 0, torch.log(precision.clamp(min=1e-300)), _LOG_ZERO)
-    num_orders = torch.full((), float(max_order), dtype=dtype, device=matches.device)
+    num_orders = torch.full(matches.shape[:-1], float(max_order), dtype=dtype, device=matches.device)
     if effective_order:
         # Only the orders reached count; none reached leaves all of them (sacrebleu's rule).
-        num_reached = reached.sum().to(dtype)
+        num_reached = reached.sum(-1).to(dtype)
         num_orders = torch.where(num_reached > 0, num_reached, num_orders)
-    in_mean = torch.arange(max_order, device=matches.device) < num_orders
-    score = torch.exp(torch.where(in_mean, log_precision, 0.0).sum() / num_orders)
+    in_mean = torch.arange(max_order, device=matches.device) < num_orders.unsqueeze(-1)
+    score = torch.exp(torch.where(in_mean, log_precision, 0.0).sum(-1) / num_orders)
 
     sys_len, ref_len = preds_len.to(dtype), target_len.to(dtype)
     brevity = torch.where(
@@ -141,8 +174,7 @@ def _bleu_compute(
         torch.where(sys_len > 0, torch.exp(1.0 - ref_len / sys_len.clamp(min=1.0)), 0.0),
     )
     # No match at any order scores 0 before any smoothing applies.
-    score = torch.where(matches.sum() > 0, brevity * score, 0.0)
-    return score.to(torch.get_default_dtype())
+    return torch.where(matches.sum(-1) > 0, brevity * score, 0.0)
 
 
 def bleu_score(
@@ -193,4 +225,4 @@ def bleu_score(
     """
     _check_bleu_args(n_gram, smooth_method, smooth_value, tokenize)
     stats = _bleu_update(preds, target, n_gram, tokenize, lowercase, ignore_index)
-    return _bleu_compute(*stats, smooth_method, smooth_value, effective_order)
+    return _bleu_compute(*stats, smooth_method, smooth_value, effective_order).to(torch.get_default_dtype())
