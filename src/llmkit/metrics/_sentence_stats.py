@@ -30,6 +30,7 @@ class SentenceStatsMetric(Metric):
 
     keep_sentence_stats: bool
     num_refs: Tensor
+    sentence_rows: list[Tensor]
 
     def _init_sentence_stats(self, keep_sentence_stats: bool) -> None:
         if not isinstance(keep_sentence_stats, bool):
