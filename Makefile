@@ -30,11 +30,13 @@ test-fast: $(STAMP)
 
 # The library's main job: train the English->French number translator on CPU, distil it into a
 # student a quarter of its size, quantize it to int4 weights (PTQ and QAT), train it adversarially
-# and measure its robustness under attack, and score them all.
+# and measure its robustness under attack, and score them all; then evaluate them with intervals
+# and a significance test of distillation's gain.
 demo: $(STAMP)
 	$(BIN)/python examples/distill_translator.py
 	$(BIN)/python examples/quantize_translator.py --model outputs/distill_translator/teacher.ckpt
 	$(BIN)/python examples/adversarial_translator.py --plain outputs/distill_translator/teacher.ckpt
+	$(BIN)/python examples/evaluate_translator.py
 
 # The VAE on the bundled digits, with PNG grids under outputs/vae_digits.
 vae-demo: $(STAMP)

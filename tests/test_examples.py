@@ -110,6 +110,30 @@ def test_adversarial_translator(tmp_path):
     assert {"plain.ckpt", "fgm.ckpt", "pgd.ckpt"} <= {path.name for path in tmp_path.iterdir()}
 
 
+@pytest.mark.slow
+def test_evaluate_translator(tmp_path):
+    split = ("--high", "300", "--val-size", "32", "--test-size", "40")
+    run("distill_translator.py", *split, "--teacher-steps", "40", "--steps", "20", "--teacher-d-model", "32",
+        "--student-d-model", "16", "--layers", "1", "--output", str(tmp_path))
+    run("quantize_translator.py", *split, "--model", str(tmp_path / "teacher.ckpt"), "--qat-steps", "2",
+        "--output", str(tmp_path))
+    out = run("evaluate_translator.py", *split, "--distill-dir", str(tmp_path), "--qat", str(tmp_path / "qat_8da4w.pt"),
+              "--resamples", "200", "--trials", "500")
+    interval = r"(\d\.\d{4}) ± (\d\.\d{4})"
+    rows = re.findall(rf"^\| (teacher|student alone|student distilled|QAT 8da4w) +\| +{interval} +\| +{interval} +\| "
+                      rf"+{interval} +\| +(\d\.\d{{4}}) +\|$", out, re.M)
+    assert [row[0] for row in rows] == ["teacher", "student alone", "student distilled", "QAT 8da4w"], out
+    for row in rows:
+        bleu, _, chrf, _, _, _, rouge = map(float, row[1:])
+        assert 0 <= bleu <= 1 and 0 <= chrf <= 1 and 0 <= rouge <= 1
+    tests = re.findall(r"^\| (BLEU|chrF\+\+|TER) +\| +(\S+) \| +(\S+) \| +(\S+) \| +(\S+) \|$", out, re.M)
+    assert [row[0] for row in tests] == ["BLEU", "chrF++", "TER"], out
+    assert all(0 < float(p) <= 1 for row in tests for p in row[3:])
+    assert re.search(r"^BLEU signature: nrefs:1\|case:mixed\|eff:no\|tok:13a\|smooth:exp\|version:llmkit-", out, re.M)
+    qa = re.findall(r"^\| (teacher|student alone|student distilled|QAT 8da4w) +\| +(\S+) \| +(\S+) \|$", out, re.M)
+    assert len(qa) == 4 and all(0 <= float(em) <= float(f1) <= 1 for _, em, f1 in qa), out
+
+
 def test_every_example_has_a_test():
     tested = set(re.findall(r'run\(\s*"([\w.]+)"', Path(__file__).read_text()))
     assert {path.name for path in EXAMPLES.glob("*.py")} <= tested, "an example in examples/ is not run by a test"
