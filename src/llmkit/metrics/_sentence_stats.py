@@ -9,12 +9,14 @@ row, ``[N, S]``, gathered across processes in rank order (``dist_reduce_fx="cat"
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from llmkit import __version__
 from llmkit.metrics._state import sum_dtype
@@ -47,6 +49,18 @@ class SentenceStatsMetric(Metric):
         if self.keep_sentence_stats:
             self.sentence_rows.append(rows.to(device=self.device, dtype=sum_dtype(self.device)))
 
+    def _sync_dist(
+        self, dist_sync_fn: Callable[..., Any] = gather_all_tensors, process_group: Any | None = None
+    ) -> None:
+        # A process without updates would send torchmetrics' stand-in, a float32 `tensor([])`, which
+        # the others' float64 [N, S] rows cannot be gathered with: send an empty [0, S] of their kind.
+        if self.keep_sentence_stats and isinstance(self.sentence_rows, list) and not self.sentence_rows:
+            self.sentence_rows = [self._no_rows()]
+        super()._sync_dist(dist_sync_fn, process_group)
+
+    def _no_rows(self) -> Tensor:
+        return torch.zeros(0, self.num_sentence_stats(), dtype=sum_dtype(self.device), device=self.device)
+
     def sentence_stats(self) -> Tensor:
         """The per-sentence statistics seen so far, ``[N, S]``, gathered across processes in rank order.
 
@@ -59,9 +73,7 @@ class SentenceStatsMetric(Metric):
             )
         with self.sync_context(should_sync=self._to_sync, should_unsync=True):
             rows = self.sentence_rows
-            if isinstance(rows, list) and not rows:
-                return torch.zeros(0, self.num_sentence_stats(), dtype=sum_dtype(self.device), device=self.device)
-            return dim_zero_cat(rows)
+            return self._no_rows() if isinstance(rows, list) and not rows else dim_zero_cat(rows)
 
     @abstractmethod
     def num_sentence_stats(self) -> int:
