@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import bz2
+import json
 import os
 import pickle
 import socket
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -55,6 +59,29 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def spawn_group(
+    worker: Callable[..., None], args: tuple[Any, ...], out_dir: Path | None = None, nprocs: int = 2, timeout: float = 180
+) -> list[dict[str, Any]]:
+    """Run ``worker(rank, *args)`` on ``nprocs`` spawned processes; fail (not hang) past ``timeout`` seconds.
+
+    ``join`` raises with a worker's traceback when a rank fails, and stops the others. With
+    ``out_dir``, returns what each rank wrote to ``out_dir / f"rank{rank}.json"``.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    context = torch.multiprocessing.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {nprocs}-process gloo group did not finish in {timeout} s")
+    if out_dir is None:
+        return []
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(nprocs)]
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ import json
 import math
 import os
 import random
-import socket
-import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -22,11 +20,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from llmkit.metrics import BLEUScore, Perplexity, ROUGEScore
 from llmkit.metrics.functional import bleu_score, perplexity, rouge_score
-from tests.conftest import WMT17_PATH, load_wmt17
+from tests.conftest import WMT17_PATH, _free_port, load_wmt17, spawn_group
 
 WORLD_SIZE = 2
 NUM_SENTENCES = 200
@@ -266,24 +263,9 @@ def _worker(rank: int, world_size: int, port: int, scenarios: dict[str, dict[str
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def run_group(scenarios: dict[str, dict[str, Any]], out_dir: Path, timeout: float = GROUP_TIMEOUT) -> list[dict]:
     """Run ``_worker`` on ``WORLD_SIZE`` spawned ranks; fail (not hang) past ``timeout`` seconds."""
-    context = mp.spawn(_worker, args=(WORLD_SIZE, _free_port(), scenarios, str(out_dir)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + timeout
-    # join() raises with the worker's traceback when a rank fails, and stops the other ranks.
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the {WORLD_SIZE}-process gloo group did not finish in {timeout} s")
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    return spawn_group(_worker, (WORLD_SIZE, _free_port(), scenarios, str(out_dir)), out_dir, WORLD_SIZE, timeout)
 
 
 def _run_all(out_dir: Path) -> tuple[list[dict], dict[str, Any]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -20,10 +19,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from llmkit.metrics.model_based import AnswerRelevance, BERTScore, Faithfulness, Toxicity
-from tests.conftest import _free_port
+from tests.conftest import _free_port, spawn_group
 from tests.metrics import tiny_hf
 
 WORLD_SIZE = 2
@@ -122,15 +120,7 @@ def _worker(rank: int, world_size: int, port: int, scenarios: dict[str, dict[str
 
 
 def run_group(scenarios: dict[str, dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
-    context = mp.spawn(_worker, args=(WORLD_SIZE, _free_port(), scenarios, str(out_dir)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + GROUP_TIMEOUT
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the {WORLD_SIZE}-process gloo group did not finish in {GROUP_TIMEOUT} s")
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    return spawn_group(_worker, (WORLD_SIZE, _free_port(), scenarios, str(out_dir)), out_dir, WORLD_SIZE, GROUP_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,7 @@ import json
 import math
 import random
 import re
-import socket
 import string
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +24,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchmetrics import MetricCollection
@@ -35,6 +32,7 @@ from torchmetrics.functional.text.squad import squad as tm_squad
 from llmkit.metrics.functional import qa as qa_functional
 from llmkit.metrics.functional.qa import normalize_answers, qa_score
 from llmkit.metrics.qa import QAScore
+from tests.conftest import _free_port, spawn_group
 
 TOL = 1e-9
 # Seconds the 2-process group may take before its test fails instead of hanging CI.
@@ -647,25 +645,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, scenarios: dict[str, Any]
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def run_group(scenarios: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
     """``_ddp_worker`` on two spawned ranks (as tests/metrics/test_distributed.py's harness)."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    context = mp.spawn(_ddp_worker, args=(2, _free_port(), scenarios, str(out_dir)), nprocs=2, join=False)
-    deadline = time.monotonic() + GROUP_TIMEOUT
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the 2-process gloo group did not finish in {GROUP_TIMEOUT} s")
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return spawn_group(_ddp_worker, (2, _free_port(), scenarios, str(out_dir)), out_dir, 2, GROUP_TIMEOUT)
 
 
 @pytest.mark.slow  # two spawned processes import torch and llmkit: 10-30 s on two busy cores

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 import sacrebleu
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rapidfuzz.distance import Levenshtein
@@ -33,7 +31,7 @@ from llmkit.metrics.functional._ter_edits import encode_sample, num_edits
 from llmkit.metrics.functional._ter_tokenizer import tercom_words
 from llmkit.metrics.functional.ter import ter_score
 from llmkit.metrics.ter import TERScore
-from tests.conftest import WMT17_PATH, load_wmt17
+from tests.conftest import WMT17_PATH, load_wmt17, spawn_group
 
 TOL = 1e-6
 OPTIONS = (
@@ -545,15 +543,7 @@ def test_ddp_two_processes(tmp_path, ddp_spawn):
 
     port = int(os.environ["MASTER_PORT"])
     splits = {split: _split(NUM_DDP_SENTENCES, split) for split in ("even", "uneven", "empty_rank")}
-    context = mp.spawn(_ddp_worker, args=(port, splits, str(tmp_path)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + GROUP_TIMEOUT
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the {WORLD_SIZE}-process gloo group did not finish in {GROUP_TIMEOUT} s")
-    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    results = spawn_group(_ddp_worker, (port, splits, str(tmp_path)), tmp_path, WORLD_SIZE, GROUP_TIMEOUT)
 
     hyps, _, streams = ddp_corpus()
     oracle = TER()
