@@ -1,7 +1,8 @@
 """Time llmkit's metrics beside sacrebleu, rouge-score and torchmetrics, in one process.
 
 Every row scores the same work with each library (the 16 WMT17 en-de systems against the
-reference, or one batch of logits) and prints the median of several runs and the ratio
+reference, 10,000 question-answer pairs, texts through a small local model, or one batch of
+logits) and prints the median of several runs and the ratio
 peer time / llmkit time (above 1: llmkit is faster). Scores are checked to agree first.
 
     python benchmarks/metrics.py               # the full table
@@ -24,7 +25,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llmkit.metrics.functional import bleu_score, perplexity, rouge_score
+from benchmarks._model_based_bench import bench_rows as model_based_bench_rows
+from benchmarks._qa_bench import bench_rows as qa_bench_rows
+from llmkit.metrics import BLEUScore, CHRFScore
+from llmkit.metrics.functional import bleu_score, chrf_score, perplexity, rouge_score, ter_score
+from llmkit.metrics.significance import paired_approximate_randomization, paired_bootstrap
 from llmkit.metrics.tokenizers import tokenize_bleu
 from tests.conftest import WMT17_PATH, load_wmt17
 
@@ -63,9 +68,13 @@ def main() -> None:
 
     import sacrebleu
     from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU, CHRF, TER
+    from sacrebleu.significance import PairedTest
     from torchmetrics.functional.text import bleu_score as tm_bleu_score
+    from torchmetrics.functional.text import chrf_score as tm_chrf_score
     from torchmetrics.functional.text import rouge_score as tm_rouge_score
     from torchmetrics.functional.text import sacre_bleu_score as tm_sacre_bleu_score
+    from torchmetrics.functional.text import translation_edit_rate as tm_ter
     from torchmetrics.text import Perplexity as TMPerplexity
 
     systems, reference = load_wmt17()
@@ -173,6 +182,67 @@ def main() -> None:
     assert max(abs(a - b) for a, b in zip(ours, peer, strict=True)) < 1e-6
     print(row("ROUGE-Lsum", ours_t, "rouge-score RougeScorer", peer_t), flush=True)
     print(row("ROUGE-Lsum", ours_t, "torchmetrics ROUGEScore", None, "downloads nltk punkt_tab: fails offline"))
+
+    # chrF / chrF++ and TER on strings, as sacrebleu's CHRF and TER.
+    for word_order, label in ((0, "chrF"), (2, "chrF++")):
+        ours_t, ours = median_seconds(
+            lambda wo=word_order: [chrf_score(h, ref_per_sample, word_order=wo).item() for h in hyps_list], args.runs
+        )
+        sacre_t, sacre = median_seconds(
+            lambda wo=word_order: [CHRF(word_order=wo).corpus_score(h, [reference]).score / 100 for h in hyps_list],
+            args.runs,
+        )
+        assert max(abs(a - b) for a, b in zip(ours, sacre, strict=True)) < 1e-6
+        print(row(f"{label} strings", ours_t, "sacrebleu CHRF", sacre_t), flush=True)
+    tm_t, tm = median_seconds(
+        lambda: [tm_chrf_score(h, ref_per_sample, n_word_order=2).item() for h in hyps_list], args.slow_peer_runs
+    )
+    tm_diff = max(abs(a - b) for a, b in zip(ours, tm, strict=True))
+    print(row("chrF++ strings", ours_t, "torchmetrics CHRFScore", tm_t, f"max diff {tm_diff:.1e}"), flush=True)
+    ours_t, ours = median_seconds(lambda: [ter_score(h, ref_per_sample).item() for h in hyps_list], args.slow_peer_runs)
+    sacre_t, sacre = median_seconds(
+        lambda: [TER().corpus_score(h, [reference]).score / 100 for h in hyps_list], args.slow_peer_runs
+    )
+    assert max(abs(a - b) for a, b in zip(ours, sacre, strict=True)) < 1e-6
+    print(row("TER strings", ours_t, "sacrebleu TER", sacre_t), flush=True)
+    tm_t, tm = median_seconds(lambda: [tm_ter(h, ref_per_sample).item() for h in hyps_list], args.slow_peer_runs)
+    tm_diff = max(abs(a - b) for a, b in zip(ours, tm, strict=True))
+    print(row("TER strings", ours_t, "torchmetrics TranslationEditRate", tm_t, f"max diff {tm_diff:.1e}"), flush=True)
+
+    # Significance: every system against the first, from strings to p-values (sacrebleu's
+    # `--paired-bs` / `--paired-ar` with one metric), and each system's 95% interval.
+    named = [(name[len("newstest2017.") :] if name.startswith("newstest2017.") else name, h) for name, h in systems]
+    for test, label, count in (("bs", "paired bootstrap, 1000", 1000), ("ar", "paired approx. rand., 10000", 10000)):
+        for metric_name, ours_factory, sacre_factory in (
+            ("BLEU", lambda: BLEUScore(keep_sentence_stats=True), BLEU),
+            ("chrF", lambda: CHRFScore(keep_sentence_stats=True), CHRF),
+        ):
+            if test == "ar" and metric_name == "chrF":
+                continue
+
+            def ours_test(make=ours_factory, test=test, count=count) -> dict:
+                metrics = {}
+                for name, hyps in named:
+                    metrics[name] = make()
+                    metrics[name].update(hyps, ref_per_sample)
+                if test == "bs":
+                    return paired_bootstrap(metrics, named[0][0], num_resamples=count)
+                return paired_approximate_randomization(metrics, named[0][0], num_trials=count)
+
+            def sacre_test(make=sacre_factory, test=test, count=count) -> list:
+                return PairedTest(named, {"m": make()}, [reference], test_type=test, n_samples=count)()[1]["m"]
+
+            ours_t, ours = median_seconds(ours_test, args.slow_peer_runs)
+            sacre_t, sacre = median_seconds(sacre_test, args.slow_peer_runs)
+            assert [result.p_value for result in ours.values()] == [result.p_value for result in sacre]
+            print(row(f"{metric_name} {label}", ours_t, f"sacrebleu PairedTest {test}", sacre_t,
+                      f"{len(named)} systems, same p-values"), flush=True)
+
+    for name, ours_t, peer_name, peer_t in qa_bench_rows(args.runs):
+        print(row(name, ours_t, peer_name, peer_t), flush=True)
+    for name, ours_t, peer_name, peer_t in model_based_bench_rows(args.runs):
+        note = f"llmkit = {ours_t / peer_t:.2f}x by hand" if "by hand" in peer_name else ""
+        print(row(name, ours_t, peer_name, peer_t, note), flush=True)
 
     # Perplexity of one batch of logits: [16, 128, 8000] float32.
     generator = torch.Generator().manual_seed(0)
