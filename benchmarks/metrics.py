@@ -230,7 +230,9 @@ def main() -> None:
                 return paired_approximate_randomization(metrics, named[0][0], num_trials=count)
 
             def sacre_test(make=sacre_factory, test=test, count=count) -> list:
-                return PairedTest(named, {"m": make()}, [reference], test_type=test, n_samples=count)()[1]["m"]
+                scores = PairedTest(named, {"m": make()}, [reference], test_type=test, n_samples=count)()[1]
+                # sacrebleu keys the results by the score's name ("BLEU", "chrF2").
+                return next(value for key, value in scores.items() if key != "System")
 
             ours_t, ours = median_seconds(ours_test, args.slow_peer_runs)
             sacre_t, sacre = median_seconds(sacre_test, args.slow_peer_runs)
