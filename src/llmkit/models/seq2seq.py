@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import lightning.pytorch as L
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 
-from llmkit.generation import beam_search, greedy_search
+from llmkit.generation import GenerationConfig, GenerationScorer, Processor
 from llmkit.metrics import BLEUScore, Perplexity, ROUGEScore
 from llmkit.nn import Decoder, DecoderState, Encoder, SinusoidalPositionalEncoding, padding_mask_to_allowed
 
@@ -25,6 +25,14 @@ def inverse_sqrt_schedule(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
     return min(step / warmup_steps, math.sqrt(warmup_steps / step))
+
+
+def _generate_for_scoring(model: nn.Module, batch: Batch) -> Tensor:
+    """Greedy translations of the batch's sources, up to 10 tokens longer than their references."""
+    if not isinstance(model, Seq2SeqTransformer):
+        raise TypeError(f"expected a Seq2SeqTransformer, got {type(model).__name__}")
+    src, tgt = model._unpack(batch)
+    return model.generate(src, max_new_tokens=min(tgt.shape[1] + 9, model.hp.max_len - 1))
 
 
 class Seq2SeqTransformer(L.LightningModule):
@@ -133,6 +141,14 @@ class Seq2SeqTransformer(L.LightningModule):
         self.test_ppl = Perplexity(ignore_index=pad_id)
         self.test_bleu = BLEUScore(ignore_index=pad_id)
         self.test_rouge = ROUGEScore(rouge_keys=("rougeL",), ignore_index=pad_id)
+        # One code path with GenerationEvaluation: generate, drop EOS and padding, update BLEU and ROUGE-L.
+        self._scorers = {
+            stage: GenerationScorer(
+                {"bleu": getattr(self, f"{stage}_bleu"), "rouge": getattr(self, f"{stage}_rouge")},
+                generate_fn=_generate_for_scoring, ignore_ids=(pad_id, eos_id), num_examples=0,
+            )
+            for stage in ("val", "test")
+        }
 
     @property
     def hp(self) -> AttributeDict:
@@ -246,59 +262,115 @@ class Seq2SeqTransformer(L.LightningModule):
         length_penalty: float = 1.0,
         use_cache: bool = True,
         min_new_tokens: int = 0,
-    ) -> Tensor:
-        """Translate ``src`` ``[B, S]``: ``[B, L]`` token ids after BOS, ending at EOS, padded with ``pad_id``.
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        bad_words_ids: Sequence[Sequence[int]] | None = None,
+        num_return_sequences: int = 1,
+        num_beam_groups: int = 1,
+        diversity_penalty: float = 0.0,
+        logits_processors: Sequence[Processor] = (),
+        decoder_prefix: Tensor | Sequence[Sequence[int]] | None = None,
+        generator: torch.Generator | None = None,
+        return_scores: bool = False,
+    ) -> Any:
+        """Translate ``src`` ``[B, S]``: ``[B * num_return_sequences, L]`` token ids after BOS, ending at EOS.
 
-        Padding and BOS are never generated.
+        Rows are padded with ``pad_id`` after their EOS; the rows of one source are adjacent (best
+        first for beam search). Padding and BOS are never generated. Greedy search by default,
+        sampling with ``do_sample``, beam search with ``num_beams > 1`` (diverse with
+        ``num_beam_groups``); the keywords are Hugging Face's, and every option is checked before
+        any decoding (:class:`~llmkit.generation.GenerationConfig`).
 
         Args:
             src: source token ids.
             max_new_tokens: the most tokens generated (default: ``hparams.max_new_tokens`` or ``max_len - 1``).
-            num_beams: 1 for greedy search, more for beam search.
+            num_beams: 1 for greedy search or sampling, more for beam search.
             length_penalty: beam search's length exponent (``score = log p / len ** length_penalty``).
             use_cache: decode incrementally with a KV cache (same tokens, much faster).
             min_new_tokens: forbid EOS before this many tokens.
+            do_sample: draw each token from the processed distribution.
+            temperature: sampling temperature (> 0).
+            top_k: sample among the ``k`` most likely tokens (0: all).
+            top_p: sample within the smallest set of probability ``>= top_p`` (nucleus).
+            min_p: drop tokens below ``min_p`` times the top probability.
+            repetition_penalty: penalise tokens already generated (1: none).
+            no_repeat_ngram_size: never repeat an n-gram of this size (0: off).
+            bad_words_ids: token sequences never completed.
+            num_return_sequences: the n-best of beam search, or samples per source.
+            num_beam_groups: diverse beam search's groups.
+            diversity_penalty: diverse beam search's penalty.
+            logits_processors: the user's processors ``(tokens [N, t], scores [N, V]) -> [N, V]``.
+            decoder_prefix: ``[B, P]`` target tokens forced first (after BOS), each row's prefix
+                ending at its first ``pad_id``; a LongTensor or lists of ids (padded here).
+            generator: the random generator of sampling, on ``src``'s device.
+            return_scores: return a :class:`~llmkit.generation.GenerationOutput` with the sequences'
+                and tokens' log-probabilities.
+
+        Returns:
+            ``[B * num_return_sequences, L]`` LongTensor, or a ``GenerationOutput``.
 
         Raises:
-            ValueError: If ``max_new_tokens`` exceeds what ``max_len`` allows, or is below 1.
+            ValueError: If an option is out of range or contradicts another, the prefix does not fit,
+                or a token id is outside the vocabulary.
         """
-        limit = self.hp.max_len - 1
+        hp = self.hp
+        limit = hp.max_len - 1
         if max_new_tokens is None:
-            max_new_tokens = self.hp.max_new_tokens if self.hp.max_new_tokens is not None else limit
+            max_new_tokens = hp.max_new_tokens if hp.max_new_tokens is not None else limit
         if max_new_tokens > limit:
             raise ValueError(f"`max_new_tokens` ({max_new_tokens}) exceeds max_len - 1 = {limit}")
+        config = GenerationConfig(
+            num_beams=num_beams, length_penalty=length_penalty, min_new_tokens=min_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
+            num_return_sequences=num_return_sequences, num_beam_groups=num_beam_groups,
+            diversity_penalty=diversity_penalty, logits_processors=logits_processors,
+        )
+        self._check_ids("src", src, hp.src_vocab_size, hp.max_len)
+        prefix = self._as_prefix(decoder_prefix, src.device)
+        config.check(
+            batch_size=src.shape[0], max_new_tokens=max_new_tokens, vocab_size=hp.tgt_vocab_size, decoder_prefix=prefix
+        )
         was_training = self.training
         self.eval()
         try:
-            memory, mask = self.encode(src), self.memory_mask(src)
-            if num_beams > 1:
-                memory = memory.repeat_interleave(num_beams, dim=0)
-                mask = mask.repeat_interleave(num_beams, dim=0)
+            memory, mask = self._encode(src), self.memory_mask(src)
+            if config.rows_per_source > 1:
+                memory = memory.repeat_interleave(config.rows_per_source, dim=0)
+                mask = mask.repeat_interleave(config.rows_per_source, dim=0)
             state = self.decoder.init_state(memory, mask, max_len=max_new_tokens + 1) if use_cache else None
-            never = torch.tensor(
-                sorted({self.hp.pad_id, self.hp.bos_id} - {self.hp.eos_id}), dtype=torch.long, device=src.device
-            )
 
             def step(tokens: Tensor) -> Tensor:
                 if state is not None:
                     logits = self.decode(tokens[:, state.length :], memory, state=state)
                 else:
                     logits = self.decode(tokens, memory, memory_mask=mask)
-                log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
-                # Padding and BOS are never generated (BOS only starts a sequence).
-                return log_probs.index_fill(1, never, -torch.inf)
+                return logits[:, -1].float()
 
-            hp = self.hp
-            common = {
-                "batch_size": src.shape[0], "bos_id": hp.bos_id, "eos_id": hp.eos_id, "pad_id": hp.pad_id,
-                "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "device": src.device,
-            }
-            if num_beams == 1:
-                return greedy_search(step, **common)
-            reorder = state.reorder if state is not None else (lambda index: None)
-            return beam_search(step, reorder=reorder, num_beams=num_beams, length_penalty=length_penalty, **common)
+            return config.search(
+                step, reorder=state.reorder if state is not None else (lambda index: None),
+                batch_size=src.shape[0], bos_id=hp.bos_id, eos_id=hp.eos_id, pad_id=hp.pad_id,
+                max_new_tokens=max_new_tokens, device=src.device, decoder_prefix=prefix,
+                # Padding and BOS are never generated (BOS only starts a sequence).
+                suppress_ids=sorted({hp.pad_id, hp.bos_id} - {hp.eos_id}),
+                generator=generator, return_scores=return_scores,
+            )
         finally:
             self.train(was_training)
+
+    def _as_prefix(self, prefix: Tensor | Sequence[Sequence[int]] | None, device: torch.device) -> Tensor | None:
+        if prefix is None or isinstance(prefix, Tensor):
+            return prefix.to(device) if isinstance(prefix, Tensor) else None
+        rows = [list(row) for row in prefix]
+        width = max((len(row) for row in rows), default=0)
+        return torch.tensor([row + [self.hp.pad_id] * (width - len(row)) for row in rows], dtype=torch.long,
+                            device=device).view(len(rows), width)
 
     # -----------------------------------------------------------------------------------------
     # Lightning
@@ -337,26 +409,23 @@ class Seq2SeqTransformer(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=src.shape[0])
         return loss
 
-    def _without_eos(self, ids: Tensor) -> Tensor:
-        return ids.masked_fill(ids == self.hp.eos_id, self.hp.pad_id)
-
     def _evaluate(self, batch: Batch, batch_idx: int, stage: str, generate_batches: int | None) -> None:
         src, tgt_out, logits, loss = self._shared_step(batch)
-        ppl, bleu, rouge = (getattr(self, f"{stage}_{name}") for name in ("ppl", "bleu", "rouge"))
+        ppl: Perplexity = getattr(self, f"{stage}_ppl")
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True, batch_size=src.shape[0])
         ppl.update(logits, tgt_out)
         self.log(f"{stage}_ppl", ppl, batch_size=src.shape[0])
         if generate_batches is None or batch_idx < generate_batches:
-            generated = self.generate(src, max_new_tokens=min(tgt_out.shape[1] + 10, self.hp.max_len - 1))
-            bleu.update(self._without_eos(generated), self._without_eos(tgt_out))
-            rouge.update(self._without_eos(generated), self._without_eos(tgt_out))
-            self.log(f"{stage}_bleu", bleu, prog_bar=True, batch_size=src.shape[0])
+            self._scorers[stage].update(self, batch)
 
-    def _log_rouge(self, stage: str) -> None:
-        rouge: ROUGEScore = getattr(self, f"{stage}_rouge")
-        if rouge.update_called:
-            self.log(f"{stage}_rougeL", rouge.compute()["rougeL_fmeasure"])
-            rouge.reset()
+    def _log_generation_scores(self, stage: str) -> None:
+        scorer = self._scorers[stage]
+        values = scorer.compute()  # on every process (the states sync); {} when no process decoded
+        if values:
+            # Already equal on every process: "max" keeps them and silences Lightning's sync warning.
+            self.log(f"{stage}_bleu", values["bleu"], prog_bar=True, sync_dist=True, reduce_fx="max")
+            self.log(f"{stage}_rougeL", values["rouge_rougeL_fmeasure"], sync_dist=True, reduce_fx="max")
+        scorer.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Logs ``val_loss``, ``val_ppl`` and, on the first ``val_generate_batches``, ``val_bleu``/``val_rougeL``."""
@@ -364,7 +433,7 @@ class Seq2SeqTransformer(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val_rougeL`` of the decoded batches."""
-        self._log_rouge("val")
+        self._log_generation_scores("val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         """Logs ``test_loss``, ``test_ppl``, ``test_bleu`` and ``test_rougeL`` over every test batch."""
@@ -372,7 +441,7 @@ class Seq2SeqTransformer(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Log ``test_rougeL``."""
-        self._log_rouge("test")
+        self._log_generation_scores("test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> Tensor:
         """Greedy translations ``[B, L]`` of the batch's sources (a batch may also be a bare ``src``)."""
