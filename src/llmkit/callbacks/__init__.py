@@ -4,6 +4,7 @@
 - :class:`QuantizationAwareTraining`: fake-quantized fine-tuning with torchao, then conversion.
 - :class:`AdversarialTraining`: training on adversarially perturbed embeddings or inputs.
 - :class:`RobustnessEvaluation`: loss and accuracy under attack, in validation.
+- :class:`GenerationEvaluation`: decode part of the validation set, score it with text metrics, log examples.
 
 They compose in any order of ``Trainer(callbacks=[...])``, with the same result: the callbacks
 that change training attach to the module together, at the first ``setup("fit")``, in a fixed
@@ -21,6 +22,13 @@ in reverse at ``teardown`` or on an exception, leaving the module exactly as it 
 
 from llmkit.callbacks.adversarial import AdversarialTraining, RobustnessEvaluation
 from llmkit.callbacks.distillation import KnowledgeDistillation
+from llmkit.callbacks.generation import GenerationEvaluation
 from llmkit.callbacks.quantization import QuantizationAwareTraining
 
-__all__ = ["AdversarialTraining", "KnowledgeDistillation", "QuantizationAwareTraining", "RobustnessEvaluation"]
+__all__ = [
+    "AdversarialTraining",
+    "GenerationEvaluation",
+    "KnowledgeDistillation",
+    "QuantizationAwareTraining",
+    "RobustnessEvaluation",
+]
