@@ -106,3 +106,37 @@ def test_generate_bad_input_fails_before_decoding(model):
     with pytest.raises(ValueError, match=r"`src` holds token ids in \[.*\], outside the vocabulary"):
         model.generate(src + 100, do_sample=True)
     assert calls == []
+
+
+@pytest.mark.parametrize("name", ["greedy_constraints", "sample", "beam_n_best", "diverse_beam"])
+def test_static_cache_same_tokens_as_dynamic(model, name):
+    src, _ = random_batch(batch_size=3, seed=36)
+    outs = [
+        model.generate(src, cache_implementation=kind, generator=torch.Generator().manual_seed(3),
+                       **STRATEGIES[name])
+        for kind in ("dynamic", "static")
+    ]
+    assert torch.equal(*outs)
+
+
+@pytest.mark.slow
+def test_compiled_decode_compiles_once_and_gives_eager_tokens():
+    from torch._dynamo.utils import counters
+
+    model = tiny(seed=37).eval()
+    src, _ = random_batch(batch_size=3, seed=38)
+    torch._dynamo.reset()
+    counters.clear()
+    eager = model.generate(src, max_new_tokens=9, min_new_tokens=9)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # 9 positions, one graph
+        assert torch.equal(model.generate(src, max_new_tokens=9, min_new_tokens=9, compile=True), eager)
+    assert counters["stats"]["unique_graphs"] == 1
+    beam = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 9}
+    assert torch.equal(model.generate(src, compile=True, **beam), model.generate(src, **beam))
+    graphs = counters["stats"]["unique_graphs"]  # the new batch shape (9 rows) compiled
+    assert torch.equal(model.generate(src, compile=True, **beam), model.generate(src, **beam))
+    assert counters["stats"]["unique_graphs"] == graphs
+    with pytest.raises(ValueError, match=r"`cache_implementation` must be 'dynamic' or 'static', got 'paged'"):
+        model.generate(src, cache_implementation="paged")
+    with pytest.raises(ValueError, match=r"needs `use_cache=True`"):
+        model.generate(src, compile=True, use_cache=False)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import lightning.pytorch as L
@@ -33,6 +34,18 @@ def _generate_for_scoring(model: nn.Module, batch: Batch) -> Tensor:
         raise TypeError(f"expected a Seq2SeqTransformer, got {type(model).__name__}")
     src, tgt = model._unpack(batch)
     return model.generate(src, max_new_tokens=min(tgt.shape[1] + 9, model.hp.max_len - 1))
+
+
+def _last_token_step(model: Seq2SeqTransformer, last: Tensor, memory: Tensor, state: DecoderState) -> Tensor:
+    """Logits ``[N, V]`` of the token after ``last`` ``[N, 1]``, the positions before it in ``state``."""
+    return model.decode(last, memory, state=state)[:, -1].float()
+
+
+@functools.cache
+def _compiled_last_token_step() -> Callable[[Seq2SeqTransformer, Tensor, Tensor, DecoderState], Tensor]:
+    # One compiled function for every model: Dynamo guards on the module and the shapes, so a new
+    # model or batch shape compiles once more, and the decoded length never does (static cache).
+    return cast(Callable[[Seq2SeqTransformer, Tensor, Tensor, DecoderState], Tensor], torch.compile(_last_token_step))
 
 
 class Seq2SeqTransformer(L.LightningModule):
@@ -236,7 +249,7 @@ class Seq2SeqTransformer(L.LightningModule):
             memory_mask: from :meth:`memory_mask`; ``None`` attends to every source position.
             state: incremental decoding state from ``self.decoder.init_state``.
         """
-        offset = state.length if state is not None else 0
+        offset = state.position if state is not None else 0
         x = self.positional(self.tgt_embed(tgt_in) * math.sqrt(self.hp.d_model), offset=offset)
         hidden = self.decoder(self.embed_dropout(x), memory=memory, memory_mask=memory_mask, state=state)
         return self.output(hidden)
@@ -278,6 +291,8 @@ class Seq2SeqTransformer(L.LightningModule):
         decoder_prefix: Tensor | Sequence[Sequence[int]] | None = None,
         generator: torch.Generator | None = None,
         return_scores: bool = False,
+        cache_implementation: str = "dynamic",
+        compile: bool = False,
     ) -> Any:
         """Translate ``src`` ``[B, S]``: ``[B * num_return_sequences, L]`` token ids after BOS, ending at EOS.
 
@@ -311,6 +326,11 @@ class Seq2SeqTransformer(L.LightningModule):
             generator: the random generator of sampling, on ``src``'s device.
             return_scores: return a :class:`~llmkit.generation.GenerationOutput` with the sequences'
                 and tokens' log-probabilities.
+            cache_implementation: ``"dynamic"`` (the cache grows with the output) or ``"static"``
+                (preallocated to ``max_new_tokens + 1`` positions, the position a tensor: fixed shapes).
+            compile: run each decoding step through ``torch.compile`` over a static cache (implies
+                ``cache_implementation="static"``). It compiles once per model and input shape, never
+                per length; the first call pays the compilation. Same tokens as eager.
 
         Returns:
             ``[B * num_return_sequences, L]`` LongTensor, or a ``GenerationOutput``.
@@ -332,6 +352,11 @@ class Seq2SeqTransformer(L.LightningModule):
             num_return_sequences=num_return_sequences, num_beam_groups=num_beam_groups,
             diversity_penalty=diversity_penalty, logits_processors=logits_processors,
         )
+        if cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"`cache_implementation` must be 'dynamic' or 'static', got {cache_implementation!r}")
+        if (compile or cache_implementation == "static") and not use_cache:
+            raise ValueError("a static cache or `compile=True` needs `use_cache=True`")
+        static = compile or cache_implementation == "static"
         self._check_ids("src", src, hp.src_vocab_size, hp.max_len)
         prefix = self._as_prefix(decoder_prefix, src.device)
         config.check(
@@ -344,14 +369,15 @@ class Seq2SeqTransformer(L.LightningModule):
             if config.rows_per_source > 1:
                 memory = memory.repeat_interleave(config.rows_per_source, dim=0)
                 mask = mask.repeat_interleave(config.rows_per_source, dim=0)
-            state = self.decoder.init_state(memory, mask, max_len=max_new_tokens + 1) if use_cache else None
+            state = (
+                self.decoder.init_state(memory, mask, max_len=max_new_tokens + 1, static=static) if use_cache else None
+            )
+            one_step = _compiled_last_token_step() if compile else _last_token_step
 
             def step(tokens: Tensor) -> Tensor:
-                if state is not None:
-                    logits = self.decode(tokens[:, state.length :], memory, state=state)
-                else:
-                    logits = self.decode(tokens, memory, memory_mask=mask)
-                return logits[:, -1].float()
+                if state is not None:  # every call adds one token: the cache holds all but the last
+                    return one_step(self, tokens[:, -1:].contiguous(), memory, state)
+                return self.decode(tokens, memory, memory_mask=mask)[:, -1].float()
 
             return config.search(
                 step, reorder=state.reorder if state is not None else (lambda index: None),

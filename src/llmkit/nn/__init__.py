@@ -1,10 +1,10 @@
 """Pure-torch building blocks, no Lightning.
 
-Attention with a KV cache, positional encoding, encoder and decoder layers and stacks; the
-VAE's MLP and convolutional encoders and decoders.
+Attention with a KV cache (dynamic, or static for ``torch.compile``), positional encoding,
+encoder and decoder layers and stacks; the VAE's MLP and convolutional encoders and decoders.
 """
 
-from llmkit.nn.attention import KVCache, MultiHeadAttention, padding_mask_to_allowed
+from llmkit.nn.attention import KVCache, MultiHeadAttention, StaticKVCache, padding_mask_to_allowed
 from llmkit.nn.positional import SinusoidalPositionalEncoding
 from llmkit.nn.transformer import Decoder, DecoderLayer, DecoderState, Encoder, EncoderLayer, FeedForward
 from llmkit.nn.vae import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
@@ -23,5 +23,6 @@ __all__ = [
     "MLPEncoder",
     "MultiHeadAttention",
     "SinusoidalPositionalEncoding",
+    "StaticKVCache",
     "padding_mask_to_allowed",
 ]

@@ -36,6 +36,31 @@ class SinusoidalPositionalEncoding(nn.Module):
         pe[:, 1::2] = torch.cos(position * frequency[: d_model // 2])
         self.register_buffer("pe", pe.float(), persistent=False)
 
-    def forward(self, x: Tensor, *, offset: int = 0) -> Tensor:
-        """Add the encodings of positions ``offset .. offset + T - 1`` to ``x`` (``[B, T, D]``)."""
+    def forward(self, x: Tensor, *, offset: int | Tensor = 0) -> Tensor:
+        """Add the encodings of positions ``offset .. offset + T - 1`` to ``x`` (``[B, T, D]``).
+
+        Args:
+            x: ``[B, T, D]``.
+            offset: the position of ``x[:, 0]``: an int, or a 0-dim integer tensor (a
+                :class:`~llmkit.nn.StaticKVCache`'s ``position``), whose rows are gathered on its
+                device without reading it on the host, so a compiled step does not depend on its value.
+
+        Raises:
+            ValueError: If a tensor ``offset`` is not a 0-dim integer tensor.
+
+        Example:
+            >>> import torch
+            >>> encoding = SinusoidalPositionalEncoding(d_model=4, max_len=10)
+            >>> x = torch.zeros(1, 2, 4)
+            >>> torch.equal(encoding(x, offset=torch.tensor(3)), encoding(x, offset=3))
+            True
+        """
+        if isinstance(offset, Tensor):
+            if offset.ndim != 0 or offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
+                raise ValueError(
+                    "a tensor `offset` must be a 0-dim integer tensor, "
+                    f"got shape {tuple(offset.shape)} and {offset.dtype}"
+                )
+            rows = offset + torch.arange(x.shape[1], device=offset.device)
+            return x + self.pe.index_select(0, rows.to(self.pe.device)).to(x.dtype)
         return x + self.pe[offset : offset + x.shape[1]].to(x.dtype)

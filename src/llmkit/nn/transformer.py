@@ -7,13 +7,14 @@ the stack. Parameter names follow ``torch.nn.Transformer``'s where they mean the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmkit.nn.attention import KVCache, MultiHeadAttention
+from llmkit.nn.attention import KVCache, MultiHeadAttention, StaticKVCache
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
@@ -128,7 +129,7 @@ class DecoderLayer(nn.Module):
         *,
         memory_kv: tuple[Tensor, Tensor],
         memory_mask: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> Tensor:
         """Decode.
 
@@ -198,21 +199,44 @@ class DecoderState:
     Per layer the self-attention KV cache and the projected encoder output, and the source mask.
 
     Args:
-        caches: one :class:`KVCache` per decoder layer.
+        caches: one :class:`KVCache` per decoder layer, or one :class:`StaticKVCache` per layer
+            (for a decoding step compiled with ``torch.compile``: see :meth:`Decoder.init_state`).
         memory_kv: per layer, the encoder output's keys and values.
         memory_mask: bool ``[B, 1, 1, S]``.
     """
 
-    def __init__(self, caches: list[KVCache], memory_kv: list[tuple[Tensor, Tensor]], memory_mask: Tensor | None):
+    def __init__(
+        self,
+        caches: Sequence[KVCache] | Sequence[StaticKVCache],
+        memory_kv: list[tuple[Tensor, Tensor]],
+        memory_mask: Tensor | None,
+    ):
         self.caches, self.memory_kv, self.memory_mask = caches, memory_kv, memory_mask
 
     @property
+    def static(self) -> bool:
+        """Whether the caches are :class:`StaticKVCache` (fixed shapes, tensor position)."""
+        return bool(self.caches) and isinstance(self.caches[0], StaticKVCache)
+
+    @property
+    def position(self) -> int | Tensor:
+        """Where the next position goes: an int with :class:`KVCache`, the 0-dim tensor with :class:`StaticKVCache`.
+
+        Pass the tensor on (e.g. as the positional encoding's ``offset``) without reading it, so
+        that a compiled step does not depend on its value.
+        """
+        if not self.caches:
+            return 0
+        cache = self.caches[0]
+        return cache.position if isinstance(cache, StaticKVCache) else cache.length
+
+    @property
     def length(self) -> int:
-        """How many positions have been decoded."""
+        """How many positions have been decoded (with static caches, a host read of :attr:`position`)."""
         return self.caches[0].length if self.caches else 0
 
     def reorder(self, index: Tensor) -> None:
-        """Keep rows ``index`` of every cache (beam search).
+        """Keep rows ``index`` of every cache (beam search); static caches copy in place and keep ``B`` rows.
 
         The encoder side is the same for every beam of one source, so it needs no reordering
         as long as ``index`` keeps each row within its source's beams.
@@ -261,9 +285,44 @@ class Decoder(nn.Module):
         """Each layer's keys and values of the encoder output, computed once per source."""
         return [layer.cross_attn.memory_kv(memory) for layer in self._layers()]
 
-    def init_state(self, memory: Tensor, memory_mask: Tensor | None, *, max_len: int) -> DecoderState:
-        """Start incremental decoding of up to ``max_len`` positions over ``memory`` ``[B, S, D]``."""
-        caches = [KVCache(max_len=max_len) for _ in self.layers]
+    def init_state(
+        self, memory: Tensor, memory_mask: Tensor | None, *, max_len: int, static: bool = False
+    ) -> DecoderState:
+        """Start incremental decoding of up to ``max_len`` positions over ``memory`` ``[B, S, D]``.
+
+        Args:
+            memory: the encoder output ``[B, S, D]``.
+            memory_mask: bool ``[B, 1, 1, S]``, True where a source position may be attended.
+            max_len: the most positions decoded.
+            static: preallocate :class:`StaticKVCache` buffers of ``B x max_len`` positions on
+                ``memory``'s device (in the autocast dtype under autocast, else the layers'), with
+                a tensor position: every decoding step then has the same shapes, and a step compiled
+                with ``torch.compile`` is compiled once. Same results as the default
+                :class:`KVCache` (up to float rounding); its ``B`` is fixed for the whole decoding.
+
+        Raises:
+            ValueError: If ``max_len`` is below 1 with ``static=True``.
+
+        Example:
+            >>> import torch
+            >>> decoder = Decoder(num_layers=1, d_model=8, num_heads=2, dim_feedforward=16, dropout=0.0)
+            >>> state = decoder.init_state(torch.randn(3, 6, 8), None, max_len=5, static=True)
+            >>> decoder(torch.randn(3, 2, 8), state=state).shape, state.position
+            (torch.Size([3, 2, 8]), tensor(2))
+        """
+        if not static:
+            return DecoderState([KVCache(max_len=max_len) for _ in self.layers], self.memory_kv(memory), memory_mask)
+        device = memory.device
+        autocast = torch.is_autocast_enabled(device.type)
+        caches = [
+            StaticKVCache(
+                max_len=max_len, batch_size=memory.shape[0], num_heads=layer.self_attn.num_heads,
+                head_dim=layer.self_attn.head_dim, device=device,
+                # What the self-attention projections will produce, hence what the cache holds.
+                dtype=torch.get_autocast_dtype(device.type) if autocast else layer.self_attn.qkv_proj.weight.dtype,
+            )
+            for layer in self._layers()
+        ]
         return DecoderState(caches, self.memory_kv(memory), memory_mask)
 
     def forward(
@@ -275,7 +334,7 @@ class Decoder(nn.Module):
         state: DecoderState | None = None,
     ) -> Tensor:
         """Decode ``x`` (``[B, T, D]``) over ``memory`` (``[B, S, D]``), or incrementally with ``state``."""
-        caches: list[KVCache | None]
+        caches: list[KVCache | StaticKVCache | None]
         if state is not None:
             memory_kv, memory_mask, caches = state.memory_kv, state.memory_mask, list(state.caches)
         else:
