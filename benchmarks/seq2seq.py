@@ -5,8 +5,13 @@
    loss and optimizer, on the same batches.
 2. Greedy generation of 128 new tokens with and without the KV cache (EOS is forbidden, so every
    row has the same length), and beam search (4 beams) against greedy.
+3. Decoding against Hugging Face: cached greedy against ``BartForConditionalGeneration.generate`` of
+   the same size (tokens/s); sampling with top-p and temperature against greedy (time per token);
+   the compiled decode step over a static cache against eager cached greedy (same tokens).
+4. ``GenerationEvaluation`` on 2 validation batches of 64: a validation epoch with the callback
+   against one without, the difference against the decoding time alone.
 
-    python benchmarks/seq2seq.py [--steps 10] [--quick]
+    python benchmarks/seq2seq.py [--steps 10] [--quick] [--part train|generate|all]
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -63,9 +69,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per model (median)")
     parser.add_argument("--runs", type=int, default=3, help="timed generation runs (median)")
     parser.add_argument("--quick", action="store_true", help="3 steps, 1 run")
+    parser.add_argument("--part", choices=["train", "generate", "all"], default="all", help="which tables")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled decode (slow to compile)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.runs = 3, 1
+    if args.part in ("generate", "all"):
+        decoding_table(args)
+        evaluation_table(args)
+    if args.part == "generate":
+        return
     torch.manual_seed(0)
     vocab, d_model, heads, layers, ff, dropout, batch, length = 8000, 256, 4, 3, 1024, 0.1, 32, 32
     ours = Seq2SeqTransformer(
@@ -125,6 +138,125 @@ def main() -> None:
     print(f"| {'beam 4 (cached) vs greedy (cached)':<50} | {beam_ms:8.0f}ms | {cached_ms:8.0f}ms | "
           f"{beam_ms / cached_ms:6.2f}x |")
     print("\nSame tokens with and without the cache: yes")
+
+
+def decoding_table(args: argparse.Namespace) -> None:
+    """Cached greedy against HF generate, sampling against greedy, compiled against eager, per token."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    vocab, d_model, heads, layers, ff, batch, length, new = 8000, 256, 4, 3, 1024, 8, 32, 128
+    ours = Seq2SeqTransformer(
+        vocab, vocab, d_model=d_model, num_heads=heads, num_encoder_layers=layers, num_decoder_layers=layers,
+        dim_feedforward=ff, dropout=0.0, max_len=256, check_inputs=False,
+    ).eval()
+    hf = BartForConditionalGeneration(BartConfig(
+        vocab_size=vocab, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ff, decoder_ffn_dim=ff,
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        forced_bos_token_id=None, forced_eos_token_id=None, scale_embedding=True, dropout=0.0,
+    )).eval()
+    src = torch.randint(4, vocab, (batch, length))
+    src[::4, length // 2 :] = 0
+
+    def ours_greedy() -> Tensor:
+        return ours.generate(src, max_new_tokens=new, min_new_tokens=new)
+
+    def ours_sample() -> Tensor:
+        return ours.generate(src, max_new_tokens=new, min_new_tokens=new, do_sample=True, top_p=0.9,
+                             temperature=0.8, generator=torch.Generator().manual_seed(0))
+
+    def hf_greedy() -> Tensor:
+        with torch.no_grad():
+            return hf.generate(input_ids=src, attention_mask=src != 0, max_new_tokens=new, min_new_tokens=new,
+                               do_sample=False, num_beams=1)
+
+    timed = {"ours_greedy": ours_greedy, "ours_sample": ours_sample, "hf_greedy": hf_greedy}
+    compiled_same = None
+    if not args.no_compile:
+
+        def ours_compiled() -> Tensor:
+            return ours.generate(src, max_new_tokens=new, min_new_tokens=new, cache_implementation="static",
+                                 compile=True)
+
+        compile_start = time.perf_counter()
+        compiled_same = torch.equal(ours_compiled(), ours_greedy())
+        compile_s = time.perf_counter() - compile_start
+        timed["ours_compiled"] = ours_compiled
+    for fn in timed.values():
+        fn()  # warm-up
+    # Interleave the runs so that every contender sees the same machine load.
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(args.runs):
+        for name, fn in timed.items():
+            times[name].append(median_ms(fn, 1))
+    ms = {name: statistics.median(values) for name, values in times.items()}
+    tokens = batch * new
+    rate = {name: tokens / (value / 1000) for name, value in ms.items()}
+    print(f"\nDecoding {batch} sources x {new} new tokens (EOS forbidden), d_model {d_model}, {layers}+{layers} "
+          f"layers, vocab {vocab}; median of {args.runs} interleaved runs\n")
+    print(f"| {'measure':<58} | {'llmkit':>12} | {'baseline':>12} | {'ratio':>7} |")
+    print(f"|{'-' * 60}|{'-' * 14}|{'-' * 14}|{'-' * 9}|")
+    print(f"| {'cached greedy vs HF BART generate (tokens/s)':<58} | {rate['ours_greedy']:8.0f} t/s | "
+          f"{rate['hf_greedy']:8.0f} t/s | {rate['ours_greedy'] / rate['hf_greedy']:6.2f}x |")
+    per_token = {name: value / new for name, value in ms.items()}
+    print(f"| {'sampling top-p 0.9, T 0.8 vs greedy (ms per token)':<58} | {per_token['ours_sample']:9.2f}ms | "
+          f"{per_token['ours_greedy']:9.2f}ms | {ms['ours_sample'] / ms['ours_greedy']:6.2f}x |")
+    if "ours_compiled" in ms:
+        print(f"| {'compiled static-cache greedy vs eager cached (tokens/s)':<58} | "
+              f"{rate['ours_compiled']:8.0f} t/s | {rate['ours_greedy']:8.0f} t/s | "
+              f"{rate['ours_compiled'] / rate['ours_greedy']:6.2f}x |")
+        print(f"\nCompiled and eager greedy give the same tokens: {'yes' if compiled_same else 'NO'}; "
+              f"first call (compilation) {compile_s:.0f} s")
+
+
+def evaluation_table(args: argparse.Namespace) -> None:
+    """GenerationEvaluation's cost: validation with and without it, against decoding alone."""
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from llmkit.callbacks import GenerationEvaluation
+    from llmkit.metrics import BLEUScore
+
+    torch.manual_seed(0)
+    vocab, batch, length, new = 8000, 64, 24, 24
+    model = Seq2SeqTransformer(
+        vocab, vocab, d_model=256, num_heads=4, num_encoder_layers=3, num_decoder_layers=3, dim_feedforward=1024,
+        dropout=0.0, max_len=64, check_inputs=False, val_generate_batches=0, max_new_tokens=new,
+    )
+    src = torch.randint(4, vocab, (2 * batch, length))
+    tgt = torch.randint(4, vocab, (2 * batch, length + 1))
+    tgt[:, 0], tgt[:, -1] = 1, 2
+    loader = DataLoader(TensorDataset(src, tgt), batch_size=batch)
+
+    def validate(callbacks: list[L.Callback]) -> float:
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        start = time.perf_counter()
+        trainer.validate(model, loader, verbose=False)
+        return time.perf_counter() - start
+
+    def decode_alone() -> float:
+        start = time.perf_counter()
+        for s, _ in loader:
+            model.generate(s)
+        return time.perf_counter() - start
+
+    plain, with_callback, decoding = [], [], []
+    for _ in range(args.runs):
+        plain.append(validate([]))
+        with_callback.append(validate([GenerationEvaluation({"bleu": BLEUScore(ignore_index=0)}, num_batches=2,
+                                                            ignore_ids=(2,))]))
+        decoding.append(decode_alone())
+    p, w, d = (statistics.median(values) for values in (plain, with_callback, decoding))
+    print(f"\nGenerationEvaluation, 2 validation batches of {batch} ({new} new tokens), median of {args.runs}\n")
+    print(f"| {'measure':<44} | {'seconds':>8} |")
+    print(f"|{'-' * 46}|{'-' * 10}|")
+    print(f"| {'validation without the callback':<44} | {p:8.2f} |")
+    print(f"| {'validation with GenerationEvaluation':<44} | {w:8.2f} |")
+    print(f"| {'decoding the same batches alone':<44} | {d:8.2f} |")
+    print(f"| {'overhead beyond decoding (with - without - decoding)':<44} | {w - p - d:8.2f} |")
+    print(f"\nOverhead: {(w - p - d) / d * 100:+.1f}% of the decoding time")
 
 
 if __name__ == "__main__":
