@@ -28,11 +28,13 @@ from llmkit import VAE
 from llmkit.adversarial import quiet_logging
 from llmkit.callbacks import (
     AdversarialTraining,
+    GenerationEvaluation,
     KnowledgeDistillation,
     QuantizationAwareTraining,
     RobustnessEvaluation,
 )
 from llmkit.callbacks._composition import ComposingCallback, Composition
+from llmkit.metrics import BLEUScore
 from tests.callbacks.helpers import RecordLosses, seq2seq_batch, trainer, translator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,10 +158,12 @@ def test_the_module_is_as_before_after_fit_and_after_an_exception():
         before = snapshot(student)
         callbacks = seq2seq_callbacks(teacher)
         robust = RobustnessEvaluation(epsilon=0.5, steps=2, ignore_index=0)
-        trainer(max_steps=2, callbacks=[*(callbacks[n] for n in order), robust], limit_val_batches=1).fit(
-            student, seq2seq_data(), seq2seq_data()
-        )
+        evaluation = GenerationEvaluation({"bleu": BLEUScore(ignore_index=0)}, num_batches=1, ignore_ids=(2,),
+                                          prefix="gen_")  # the translator logs its own val_bleu
+        fit = trainer(max_steps=2, callbacks=[evaluation, *(callbacks[n] for n in order), robust], limit_val_batches=1)
+        fit.fit(student, seq2seq_data(), seq2seq_data())
         assert snapshot(student) == before, order
+        assert 0.0 <= float(fit.callback_metrics["gen_bleu"]) <= 1.0
         fresh = translator(d_model=32)
         fresh.load_state_dict(student.state_dict())  # strictly
 
@@ -342,12 +346,19 @@ def test_hugging_face_module_as_before_then_test_with_ckpt_path(kind, tmp_path):
     before = snapshot(module)
     robust = RobustnessEvaluation(epsilon=0.5, steps=2)
     callbacks = [AdversarialTraining(), KnowledgeDistillation(hf.fresh_copy(module)), robust]
+    if kind == "t5":  # a generating model: decode and score in validation beside the others
+        callbacks.insert(1, GenerationEvaluation(
+            {"bleu": BLEUScore(ignore_index=hf.PAD)}, num_batches=1, ignore_ids=(hf.PAD, 1),
+            generate_fn=lambda m, b: m.model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                      max_new_tokens=6),
+        ))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit = trainer(max_epochs=1, limit_train_batches=2, callbacks=[*callbacks, checkpoint], enable_checkpointing=True,
                   limit_val_batches=1)
     fit.fit(module, train, val)
     assert snapshot(module) == before
     assert {"val_robust_acc", "val_clean_acc", "train_kd_loss", "train_adv_loss"} <= set(fit.callback_metrics)
+    assert (kind == "t5") == ("val_bleu" in fit.callback_metrics)
     fit.validate(module, val, ckpt_path="last", verbose=False)
     # Now quantized: the attack in validation still measures (straight-through gradients).
     qat = QuantizationAwareTraining()

@@ -102,6 +102,16 @@ def _process(
     return scores
 
 
+def _draw(scores: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row of ``softmax(scores)`` ``[N, V]``: the first whose cumulative probability exceeds ``u``."""
+    cumulative = scores.float().softmax(dim=-1).cumsum(dim=-1)
+    uniform = torch.rand(scores.shape[0], 1, generator=generator, device=scores.device)
+    # Scaled by the row's total, so float rounding of the sum never lets u fall past the end; a
+    # zero-probability token repeats its predecessor's cumulative value and is never the first above u.
+    index = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    return index.clamp_(max=scores.shape[1] - 1).squeeze(1)
+
+
 def _pad_rows(rows: list[list[int]], pad_id: int, device: torch.device | str) -> Tensor:
     width = max((len(row) for row in rows), default=0)
     out = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -138,7 +148,7 @@ def _token_by_token(
         raw = step(tokens)
         scores = _process(tokens, raw, logits_processors, index=index, min_new_tokens=min_new_tokens, eos_id=eos_id)
         if do_sample:
-            next_token = torch.multinomial(scores.float().softmax(dim=-1), 1, generator=generator).squeeze(1)
+            next_token = _draw(scores, generator)
         else:
             next_token = scores.argmax(dim=-1)
         forced = prefix.forced(index)
@@ -256,7 +266,9 @@ def sample(
     """Draw each token from the softmax of the processed scores; a row stops at its EOS.
 
     Temperature, top-k, top-p and min-p are processors (:func:`llmkit.generation.build_processors`).
-    Draws use ``torch.multinomial`` with ``generator``, so one seed gives the same tokens.
+    Each draw inverts the cumulative distribution at one uniform number from ``generator`` per row
+    (exact in distribution, and one random number per row instead of ``torch.multinomial``'s one
+    per vocabulary entry), so one seed gives the same tokens.
 
     Args:
         step: the step function, ``[B, t] -> [B, V]`` logits.
