@@ -8,6 +8,9 @@ vocabulary, and logs ``val_bleu``, ``val_chrf`` and a table of examples (to the 
 
     python examples/decode_in_validation.py                 # a minute or two on 2 cores
     python examples/decode_in_validation.py --max-steps 20  # a smoke test
+
+At the end it shows the trained model's n-best list (with scores), top-p samples and diverse beams
+for one source.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
+import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from llmkit import Seq2SeqTransformer
@@ -92,6 +96,23 @@ def main() -> None:
     print(f"\nexamples of the last validation (step {last[0]['step']}), all in {path}:")
     for row in last:
         print(f"  {row['source']}\n   -> {row['prediction']}\n  ref {row['reference']}")
+    show_decoding(model, data)
+
+
+def show_decoding(model: Seq2SeqTransformer, data: NumberWordsDataModule) -> None:
+    """The trained model's n-best list, samples and diverse beams for one validation source."""
+    src = next(iter(data.val_dataloader()))["src"][:1]
+    print(f"\nsource: {data.decode(src[0], side='src')}")
+    n_best = model.generate(src, num_beams=4, num_return_sequences=3, return_scores=True)
+    for ids, score in zip(n_best.sequences, n_best.scores.tolist(), strict=True):
+        print(f"  beam 4, n-best   {score:7.3f}  {data.decode(ids)}")
+    samples = model.generate(src, do_sample=True, temperature=1.2, top_p=0.9, num_return_sequences=3,
+                             generator=torch.Generator().manual_seed(0), return_scores=True)
+    for ids, score in zip(samples.sequences, samples.scores.tolist(), strict=True):
+        print(f"  top-p 0.9, T 1.2 {score:7.3f}  {data.decode(ids)}")
+    diverse = model.generate(src, num_beams=4, num_beam_groups=2, diversity_penalty=1.0, num_return_sequences=2)
+    for ids in diverse:
+        print(f"  diverse beams            {data.decode(ids)}")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,8 @@ def test_decode_in_validation(tmp_path):
         rows = list(csv.DictReader(handle))
     assert [row["step"] for row in rows] == ["4"] * 4 + ["8"] * 4
     assert all(row["source"] and row["reference"] and not re.search(r"\d", row["source"]) for row in rows)
+    # The decoding tour: three n-best rows best first, three samples, two diverse beams.
+    n_best = [float(score) for score in re.findall(r"^  beam 4, n-best\s+(\S+)  ", out, re.M)]
+    assert len(n_best) == 3 and n_best == sorted(n_best, reverse=True), out
+    assert len(re.findall(r"^  top-p 0.9, T 1.2 ", out, re.M)) == 3
+    assert len(re.findall(r"^  diverse beams ", out, re.M)) == 2
