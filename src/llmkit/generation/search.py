@@ -147,10 +147,7 @@ def _token_by_token(
     for index in range(max_new_tokens):
         raw = step(tokens)
         scores = _process(tokens, raw, logits_processors, index=index, min_new_tokens=min_new_tokens, eos_id=eos_id)
-        if do_sample:
-            next_token = _draw(scores, generator)
-        else:
-            next_token = scores.argmax(dim=-1)
+        next_token = _draw(scores, generator) if do_sample else scores.argmax(dim=-1)
         forced = prefix.forced(index)
         if forced is not None:
             next_token = torch.where(forced[0], forced[1], next_token)
