@@ -112,7 +112,8 @@ def _draw(scores: Tensor, generator: torch.Generator | None) -> Tensor:
     return index.clamp_(max=scores.shape[1] - 1).squeeze(1)
 
 
-def _pad_rows(rows: list[list[int]], pad_id: int, device: torch.device | str) -> Tensor:
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> Tensor:
+    """Rows of ids of different lengths as one ``[len(rows), longest]`` LongTensor padded with ``pad_id``."""
     width = max((len(row) for row in rows), default=0)
     out = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -548,7 +549,7 @@ def beam_search(
         pool = pool[:num_return_sequences]
         pool += [(-math.inf, [], [])] * (num_return_sequences - len(pool))
         best.extend(pool)
-    sequences = _pad_rows([tokens_ for _, tokens_, _ in best], pad_id, device)
+    sequences = pad_rows([tokens_ for _, tokens_, _ in best], pad_id, device)
     if not return_scores:
         return sequences
     per_token = torch.zeros(sequences.shape, device=device)

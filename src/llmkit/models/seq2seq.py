@@ -14,6 +14,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 
 from llmkit.generation import GenerationConfig, GenerationScorer, Processor
+from llmkit.generation.search import pad_rows
 from llmkit.metrics import BLEUScore, Perplexity, ROUGEScore
 from llmkit.nn import Decoder, DecoderState, Encoder, SinusoidalPositionalEncoding, padding_mask_to_allowed
 
@@ -391,12 +392,9 @@ class Seq2SeqTransformer(L.LightningModule):
             self.train(was_training)
 
     def _as_prefix(self, prefix: Tensor | Sequence[Sequence[int]] | None, device: torch.device) -> Tensor | None:
-        if prefix is None or isinstance(prefix, Tensor):
-            return prefix.to(device) if isinstance(prefix, Tensor) else None
-        rows = [list(row) for row in prefix]
-        width = max((len(row) for row in rows), default=0)
-        return torch.tensor([row + [self.hp.pad_id] * (width - len(row)) for row in rows], dtype=torch.long,
-                            device=device).view(len(rows), width)
+        if prefix is None:
+            return None
+        return prefix.to(device) if isinstance(prefix, Tensor) else pad_rows(prefix, self.hp.pad_id, device)
 
     # -----------------------------------------------------------------------------------------
     # Lightning
