@@ -24,6 +24,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from llmkit.adversarial.quantized import is_quantized_weight
@@ -467,8 +468,21 @@ class QuantizationAwareTraining(ComposingCallback):
         return module
 
     def _attach_hooks(self, module: nn.Module) -> None:
-        """Give each converted layer of ``module`` its (picklable) load and save hooks, once."""
-        for _, layer in _converted_layers(module):
+        """Give each converted layer of ``module`` its (picklable) load and save hooks, once.
+
+        The quantized weights are also listed in ``module._ddp_params_and_buffers_to_ignore``
+        (torch's own DDP mechanism, which Lightning's DDP strategies read): they are equal on every
+        process already, and torchao's quantized tensors cannot be broadcast, which Lightning does
+        when ``validate``/``test`` start under ``strategy="ddp"``.
+        """
+        converted = _converted_layers(module)
+        if converted:
+            ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+            ignored.update(f"{name}.weight" if name else "weight" for name, _ in converted)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(  # type: ignore[no-untyped-call]
+                module, sorted(ignored)
+            )
+        for _, layer in converted:
             config = self.embedding_config if isinstance(layer, nn.Embedding) else self.base_config
             if config is None or _has_load_hooks(layer):
                 continue
