@@ -1,4 +1,4 @@
-"""Shared fixtures: the WMT17 en-de system outputs from ../shared/data."""
+"""Shared fixtures: the accelerator of the tests' Trainers, the WMT17 en-de system outputs from ../shared/data."""
 
 from __future__ import annotations
 
@@ -17,10 +17,28 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
+# The one place the accelerator comes from (env LLMKIT_TEST_ACCELERATOR, default cpu; an unknown
+# name fails here, before any test runs, with the valid choices).
+from tests.accelerator import ACCELERATOR, ENV
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n 2` on two cores: two workers of two threads each oversubscribe the CPUs, which
     # makes torch's small ops several times slower. One thread per worker.
     torch.set_num_threads(1)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"llmkit test accelerator: {ACCELERATOR} (set {ENV} to change it)"
+
+
+@pytest.fixture(scope="session")
+def accelerator() -> str:
+    """The accelerator of every single-process Trainer the tests build (``LLMKIT_TEST_ACCELERATOR``).
+
+    Multi-process tests use ``tests.accelerator.accelerator_for``, which keeps them on CPU (gloo).
+    """
+    return ACCELERATOR
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -1,4 +1,4 @@
-"""What the callback tests share: a quiet CPU Trainer, a loss recorder, the seq2seq toy batch."""
+"""What the callback tests share: a quiet Trainer on the tests' accelerator, a loss recorder, the toy batch."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import torch
 from torch import Tensor
 
 from llmkit import Seq2SeqTransformer
+from tests.accelerator import accelerator_for
 
 
 def trainer(**kwargs) -> L.Trainer:
-    """A CPU Trainer with no logger, checkpoints, progress bar, summary or validation unless asked."""
+    """A Trainer with no logger, checkpoints, progress bar, summary or validation unless asked.
+
+    On the tests' accelerator (``LLMKIT_TEST_ACCELERATOR``). Several processes (``devices=2``,
+    ``num_nodes=2``) stay on CPU: gloo is the CPU backend, and a GPU machine may have one device.
+    """
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0,
+        accelerator=accelerator_for(kwargs.get("devices", 1), kwargs.get("num_nodes", 1)), devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )
     return L.Trainer(**{**defaults, **kwargs})
 

@@ -34,6 +34,7 @@ from llmkit.callbacks import (
     QuantizationAwareTraining,
     RobustnessEvaluation,
 )
+from tests.accelerator import ACCELERATOR
 from tests.callbacks import hf
 from tests.callbacks.helpers import RecordLosses
 
@@ -50,10 +51,10 @@ STEPS = 3  # one epoch of hf.make's training loader, so that validation runs at 
 def fit(
     module: L.LightningModule, train, val, callbacks: list[L.Callback], max_steps: int = STEPS
 ) -> tuple[L.Trainer, list[float]]:
-    """Fit quietly on CPU; returns the trainer and the loss of every step (after the callbacks)."""
+    """Fit quietly on the tests' accelerator; returns the trainer and the loss of every step (after the callbacks)."""
     record = RecordLosses()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+        accelerator=ACCELERATOR, devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, callbacks=[*callbacks, record],
     )
     trainer.fit(module, train, val)

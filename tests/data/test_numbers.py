@@ -12,6 +12,7 @@ from num2words import num2words
 
 from llmkit.data import NumberWordsDataModule, Vocab, detokenize, tokenize
 from llmkit.data.numbers import EpochShuffleSampler, _number_words
+from tests.accelerator import ACCELERATOR
 
 LANGS = ["en", "fr", "de", "es"]
 
@@ -243,7 +244,7 @@ def test_lightning_sets_the_epoch_of_the_sampler() -> None:
     model = _RecordNumbers()
     trainer = pl.Trainer(
         max_epochs=3,
-        accelerator="cpu",
+        accelerator=ACCELERATOR,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -29,6 +29,7 @@ from torchmetrics import Metric, MetricCollection
 
 from llmkit.metrics import BLEUScore, Perplexity, ROUGEScore
 from llmkit.metrics.functional import bleu_score, perplexity, rouge_score
+from tests.accelerator import accelerator_for
 from tests.metrics.test_distributed import text_corpus
 
 ROUGE_KEYS = ("rouge1", "rougeL")
@@ -297,7 +298,8 @@ def _expected_logs(corpus: dict[str, Any], num: int) -> dict[str, float]:
 
 def _trainer(**kwargs: Any) -> L.Trainer:
     defaults: dict[str, Any] = {
-        "accelerator": "cpu",
+        # Several processes (ddp_spawn, gloo) on CPU; one on the tests' accelerator.
+        "accelerator": accelerator_for(kwargs.get("devices", 1), kwargs.get("num_nodes", 1)),
         "max_epochs": 1,
         "logger": False,
         "enable_checkpointing": False,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from llmkit import Seq2SeqTransformer
 from llmkit.data import NumberWordsDataModule
+from tests.accelerator import accelerator_for
 from tests.test_generation import reference_beam_search
 
 PAD, BOS, EOS = 0, 1, 2
@@ -619,8 +620,10 @@ def number_model(dm: NumberWordsDataModule, **kwargs) -> Seq2SeqTransformer:
 
 def trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**{
-        "accelerator": "cpu", "devices": 1, "limit_val_batches": 2, "logger": False, "enable_progress_bar": False,
-        "enable_checkpointing": False, "enable_model_summary": False, "num_sanity_val_steps": 0, **kwargs,
+        # Several processes (ddp_spawn, gloo) on CPU; one on the tests' accelerator.
+        "accelerator": accelerator_for(kwargs.get("devices", 1), kwargs.get("num_nodes", 1)), "devices": 1,
+        "limit_val_batches": 2, "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
+        "enable_model_summary": False, "num_sanity_val_steps": 0, **kwargs,
     })
 
 

@@ -29,6 +29,7 @@ from torch.distributions import Normal, kl_divergence
 from llmkit import VAE
 from llmkit.data import DigitsDataModule
 from llmkit.models.vae import gaussian_kl
+from tests.accelerator import accelerator_for
 
 
 def digits_batch(n: int = 32, flat: bool = True) -> Tensor:
@@ -38,8 +39,9 @@ def digits_batch(n: int = 32, flat: bool = True) -> Tensor:
 
 def trainer(**kwargs) -> L.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
+        # Several processes (ddp_spawn, gloo) on CPU; one on the tests' accelerator.
+        accelerator=accelerator_for(kwargs.get("devices", 1), kwargs.get("num_nodes", 1)), devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     return L.Trainer(**{**defaults, **kwargs})
 
