@@ -21,6 +21,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from llmkit._compile import eager, forget_compiled_graphs
 from llmkit.adversarial import geometry
 from llmkit.adversarial.settings import AttackConfig, check_target
 
@@ -179,13 +180,19 @@ class EmbeddingPerturbation(Perturbation):
         self._handles: list[RemovableHandle] = [
             module.register_forward_hook(self._hook, with_kwargs=True) for module in self.modules.values()
         ]
+        forget_compiled_graphs()  # a compiled model must call the new hooks
 
     def remove(self) -> None:
         """Take the hooks off the model."""
         for handle in self._handles:
             handle.remove()
+        if self._handles:
+            forget_compiled_graphs()  # and no compiled graph may call them after
         self._handles.clear()
 
+    # Eager even inside a compiled model (a graph break at each embedding): the hook creates the
+    # perturbations as leaf tensors that the attack differentiates to, which a graph cannot hold.
+    @eager
     def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
         if not self._active:
             return None

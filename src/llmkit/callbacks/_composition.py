@@ -44,6 +44,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from llmkit._compile import forget_compiled_graphs
+
 CLEAN, ATTACK, ADVERSARIAL = "clean", "attack", "adversarial"
 _ABSENT = object()
 
@@ -139,6 +141,7 @@ class Composition:
         except BaseException:
             composition.undo()
             raise
+        forget_compiled_graphs()  # hooks and layers changed: a compiled model must trace them
         return composition
 
     @classmethod
@@ -191,6 +194,7 @@ class Composition:
                 errors.append(error)
         while self._undo:
             self._undo.pop()()
+        forget_compiled_graphs()  # no compiled graph may call a removed hook
         self.callbacks = []
         if errors:
             raise errors[0]

@@ -9,14 +9,21 @@ from typing import Any, cast
 
 import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 
+from llmkit._compile import eager
 from llmkit.generation import GenerationConfig, GenerationScorer, Processor
 from llmkit.generation.search import pad_rows
 from llmkit.metrics import BLEUScore, Perplexity, ROUGEScore
-from llmkit.nn import Decoder, DecoderState, Encoder, SinusoidalPositionalEncoding, padding_mask_to_allowed
+from llmkit.nn import (
+    Decoder,
+    DecoderState,
+    Encoder,
+    SinusoidalPositionalEncoding,
+    label_smoothed_cross_entropy,
+    padding_mask_to_allowed,
+)
 
 Batch = Mapping[str, Tensor] | tuple[Tensor, ...] | list[Tensor]
 
@@ -40,6 +47,19 @@ def _generate_for_scoring(model: nn.Module, batch: Batch) -> Tensor:
 def _last_token_step(model: Seq2SeqTransformer, last: Tensor, memory: Tensor, state: DecoderState) -> Tensor:
     """Logits ``[N, V]`` of the token after ``last`` ``[N, 1]``, the positions before it in ``state``."""
     return model.decode(last, memory, state=state)[:, -1].float()
+
+
+def _teacher_forcing(model: Seq2SeqTransformer, src: Tensor, tgt_in: Tensor) -> Tensor:
+    """Logits ``[B, T, V]`` of every next target token: the checked inputs' encoder and decoder passes."""
+    memory = model._encode(src)
+    return model.decode(tgt_in, memory, memory_mask=model.memory_mask(src))
+
+
+@functools.cache
+def _compiled_teacher_forcing() -> Callable[[Seq2SeqTransformer, Tensor, Tensor], Tensor]:
+    # One compiled function for every model with `compile=True`: kept outside the module, so that a
+    # deepcopy (a teacher, a converted copy) never calls back into the original model.
+    return cast(Callable[[Seq2SeqTransformer, Tensor, Tensor], Tensor], torch.compile(_teacher_forcing))
 
 
 @functools.cache
@@ -87,6 +107,9 @@ class Seq2SeqTransformer(L.LightningModule):
             ``val_rougeL`` (0: none).
         max_new_tokens: the default generation length (``None``: ``max_len - 1``).
         check_inputs: check token ids and lengths on every batch (a device sync per check).
+        compile: run the teacher-forced encoder and decoder passes (training, validation, test)
+            through ``torch.compile`` (inductor); the input checks stay eager, outside the graph.
+            ``trainer.fit(torch.compile(model))`` works too (Lightning's way: it compiles the steps).
 
     Raises:
         ValueError: If an argument is out of range (e.g. ``d_model`` not divisible by ``num_heads``).
@@ -128,6 +151,7 @@ class Seq2SeqTransformer(L.LightningModule):
         val_generate_batches: int = 1,
         max_new_tokens: int | None = None,
         check_inputs: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -261,8 +285,7 @@ class Seq2SeqTransformer(L.LightningModule):
         self._check_ids("tgt_in", tgt_in, self.hp.tgt_vocab_size, self.hp.max_len)
         if src.shape[0] != tgt_in.shape[0]:
             raise ValueError(f"`src` and `tgt` batch sizes differ: {src.shape[0]} and {tgt_in.shape[0]}")
-        memory = self._encode(src)
-        return self.decode(tgt_in, memory, memory_mask=self.memory_mask(src))
+        return (_compiled_teacher_forcing() if self.hp.compile else _teacher_forcing)(self, src, tgt_in)
 
     # -----------------------------------------------------------------------------------------
     # Generation
@@ -412,7 +435,8 @@ class Seq2SeqTransformer(L.LightningModule):
         )
 
     def _loss(self, logits: Tensor, tgt_out: Tensor) -> Tensor:
-        return F.cross_entropy(
+        # F.cross_entropy's value, its label smoothing fused into one pass (llmkit.nn.loss).
+        return label_smoothed_cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), tgt_out.reshape(-1),
             ignore_index=self.hp.pad_id, label_smoothing=self.hp.label_smoothing,
         )
@@ -430,11 +454,24 @@ class Seq2SeqTransformer(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         """Label-smoothed cross-entropy of the next target token; logs ``train_loss``."""
         src, _, _, loss = self._shared_step(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=src.shape[0])
+        self._log_training(loss, src.shape[0])
         return loss
+
+    # Under `trainer.fit(torch.compile(model))` Lightning compiles the whole steps: logging, metric
+    # updates and generation run eagerly, outside the graph (Dynamo cannot trace `self.log`).
+    @eager
+    def _log_training(self, loss: Tensor, batch_size: int) -> None:
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch_size)
 
     def _evaluate(self, batch: Batch, batch_idx: int, stage: str, generate_batches: int | None) -> None:
         src, tgt_out, logits, loss = self._shared_step(batch)
+        self._record_evaluation(batch, batch_idx, stage, generate_batches, src, tgt_out, logits, loss)
+
+    @eager
+    def _record_evaluation(
+        self, batch: Batch, batch_idx: int, stage: str, generate_batches: int | None,
+        src: Tensor, tgt_out: Tensor, logits: Tensor, loss: Tensor,
+    ) -> None:
         ppl: Perplexity = getattr(self, f"{stage}_ppl")
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True, batch_size=src.shape[0])
         ppl.update(logits, tgt_out)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import lightning.pytorch as L
@@ -14,6 +15,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from llmkit._compile import eager
 from llmkit._logging import WindowedMeans
 from llmkit.nn.vae import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
@@ -33,6 +35,19 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
                 [0., 0., 0.]])
     """
     return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
+
+
+def _pass(model: VAE, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``VAE.forward`` after its checks: ``(x_hat_params, mu, logvar)``."""
+    mu, logvar = model._encode(x)
+    return model.decode(model.reparameterize(mu, logvar)), mu, logvar
+
+
+@functools.cache
+def _compiled_pass() -> Callable[[VAE, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    # One compiled function for every VAE with `compile=True`, kept outside the module (a deepcopy
+    # must not call back into the original).
+    return cast(Callable[[VAE, Tensor], tuple[Tensor, Tensor, Tensor]], torch.compile(_pass))
 
 
 class _LatentActivity(Metric):
@@ -107,6 +122,9 @@ class VAE(L.LightningModule):
         check_inputs: check the values of every batch: finite, and in [0, 1] for a Bernoulli
             likelihood (one fused reduction and one host sync per batch). Types and shapes are
             always checked.
+        compile: run the encoder, the draw of ``z`` and the decoder (:meth:`forward` after its
+            checks) through ``torch.compile`` (inductor). ``trainer.fit(torch.compile(vae))``
+            works too (Lightning's way: it compiles the steps).
 
     Raises:
         ValueError: If an argument is out of range (``latent_dim < 1``, ``beta < 0``, an unknown
@@ -140,6 +158,7 @@ class VAE(L.LightningModule):
         test_nll_samples: int = 500,
         active_threshold: float = 0.01,
         check_inputs: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -302,8 +321,8 @@ class VAE(L.LightningModule):
             ValueError: If ``x`` has the wrong shape or (``check_inputs=True``) NaN, inf or
                 out-of-range values; see :meth:`check_input`.
         """
-        mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+        self.check_input(x)
+        return (_compiled_pass() if self.hp.compile else _pass)(self, x)
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         """``log p(x | z)`` per example, ``[...]``.
@@ -332,6 +351,12 @@ class VAE(L.LightningModule):
         warmup = self.hp.kl_warmup_steps
         return float(self.hp.beta) * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 
+    @eager
+    def _kl_weight_tensor(self, like: Tensor) -> Tensor:
+        # A tensor made outside any compiled graph, so that a graph holding the loss does not
+        # specialise on (and recompile for) each step's warm-up weight.
+        return torch.tensor(self.kl_weight(), dtype=like.dtype, device=like.device)
+
     def loss_terms(self, x: Tensor) -> dict[str, Tensor]:
         """One-sample ELBO terms for ``x``, each a 0-d mean over the batch, in nats per example.
 
@@ -345,7 +370,7 @@ class VAE(L.LightningModule):
         kl_per_dim = kl.mean(0)  # [L]
         kl_term = kl_per_dim.clamp(min=self.hp.free_bits).sum() if self.hp.free_bits > 0 else kl_per_dim.sum()
         recon_mean, kl_mean = recon.mean(), kl_per_dim.sum()
-        loss = recon_mean + self.kl_weight() * kl_term
+        loss = recon_mean + self._kl_weight_tensor(kl_term) * kl_term
         return {"loss": loss, "elbo": -(recon_mean + kl_mean), "recon": recon_mean, "kl": kl_mean, "mu": mu}
 
     # -----------------------------------------------------------------------------------------
@@ -487,16 +512,25 @@ class VAE(L.LightningModule):
         x = self._unpack(batch)
         terms = self.loss_terms(x)
         values = {"train_elbo": terms["elbo"], "train_recon": terms["recon"], "train_kl": terms["kl"]}
-        self._train_log.update(self, values, batch_size=x.shape[0])
+        self._log_training(values, x.shape[0])
         return terms["loss"]
+
+    # Under `trainer.fit(torch.compile(vae))` Lightning compiles the whole steps: logging runs
+    # eagerly, outside the graph (Dynamo cannot trace `self.log`).
+    @eager
+    def _log_training(self, values: dict[str, Tensor], batch_size: int) -> None:
+        self._train_log.update(self, values, batch_size=batch_size)
+
+    @eager
+    def _log_evaluation(self, stage: str, terms: dict[str, Tensor], size: int) -> None:
+        self.log(f"{stage}_elbo", terms["elbo"], prog_bar=True, batch_size=size, sync_dist=True)
+        self.log(f"{stage}_recon", terms["recon"], batch_size=size, sync_dist=True)
+        self.log(f"{stage}_kl", terms["kl"], batch_size=size, sync_dist=True)
 
     def _evaluate(self, batch: Batch, stage: str) -> Tensor:
         x = self._unpack(batch)
         terms = self.loss_terms(x)
-        size = x.shape[0]
-        self.log(f"{stage}_elbo", terms["elbo"], prog_bar=True, batch_size=size, sync_dist=True)
-        self.log(f"{stage}_recon", terms["recon"], batch_size=size, sync_dist=True)
-        self.log(f"{stage}_kl", terms["kl"], batch_size=size, sync_dist=True)
+        self._log_evaluation(stage, terms, x.shape[0])
         return terms["mu"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
