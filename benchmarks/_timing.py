@@ -73,9 +73,13 @@ def median_ms(fn: Callable[[], object], runs: int = 5) -> float:
     return 1000 * statistics.median(times)
 
 
-def translator(data: NumberWordsDataModule, d_model: int, layers: int = 3) -> Seq2SeqTransformer:
-    """The benchmarks' NumberWords translator: ``layers`` encoder and decoder layers, 4 heads, FFN 4x."""
+def translator(data: NumberWordsDataModule, d_model: int, layers: int = 3, **kwargs: Any) -> Seq2SeqTransformer:
+    """The benchmarks' NumberWords translator: ``layers`` encoder and decoder layers, 4 heads, FFN 4x.
+
+    ``kwargs`` go to ``Seq2SeqTransformer`` (e.g. ``compile=True``).
+    """
     return Seq2SeqTransformer(
         data.src_vocab_size, data.tgt_vocab_size, d_model=d_model, num_heads=4, num_encoder_layers=layers,
         num_decoder_layers=layers, dim_feedforward=4 * d_model, dropout=0.05, max_len=32, lr=1e-3, warmup_steps=10,
+        **kwargs,
     )
