@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from llmkit import VAE, Seq2SeqTransformer
 from llmkit.cli import cli
 from llmkit.data import DigitsDataModule, NumberWordsDataModule
+from tests.accelerator import ACCELERATOR
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "translate.yaml"
 
@@ -44,7 +45,7 @@ def small(tmp_path: Path) -> list[str]:
         "--config", str(CONFIG),
         "--data.init_args.high", "200", "--data.init_args.val_size", "20", "--data.init_args.test_size", "20",
         "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.accelerator", ACCELERATOR,
         "--model.init_args.d_model", "16", "--model.init_args.dim_feedforward", "32",
         "--model.init_args.num_encoder_layers", "1", "--model.init_args.num_decoder_layers", "1",
     ]

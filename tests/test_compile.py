@@ -260,3 +260,17 @@ def test_the_vae_kl_warmup_does_not_recompile_the_compiled_step():
     with torch._dynamo.config.patch(error_on_recompile=True):
         trainer(max_steps=4, limit_val_batches=0).fit(torch.compile(model, backend="aot_eager"), vae_data())
     assert model.global_step == 4
+
+
+@pytest.mark.parametrize("how", [pytest.param("flag", marks=pytest.mark.slow), "aot_eager"])
+def test_a_model_converted_at_the_end_of_a_compiled_fit_tests_and_moves(how):
+    """QAT converts to quantized tensor subclasses, which torch cannot move once a graph ran on them."""
+    torch.manual_seed(0)
+    model = translator(compile=how == "flag")
+    data = DataLoader([seq2seq_batch()], batch_size=None)
+    fitted = model if how == "flag" else torch.compile(model, backend=how)
+    trainer(max_steps=2, callbacks=[QuantizationAwareTraining()]).fit(fitted, data)
+    assert type(model.output.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    results = trainer().test(model, data)  # ends with model.cpu(), which must not fail
+    assert torch.isfinite(torch.tensor(results[0]["test_loss"]))
+    assert model._compiler_ctx is None  # Lightning's compiled steps were undone by the conversion

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import torch
+import torch._functorch.config
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -31,3 +35,26 @@ def eager(fn: _F) -> _F:
     create leaf tensors.
     """
     return cast(_F, torch.compiler.disable(fn))  # type: ignore[no-untyped-call]
+
+
+def several_backwards() -> contextlib.AbstractContextManager[Any]:
+    """A context in which graphs compiled by inductor allow several backward passes over one forward.
+
+    A composed step may take gradients of one pass twice (adversarial training's clean loss, then
+    distillation's term on the same pass, ``retain_graph=True``). Inductor donates the saved
+    activations' buffers to the backward by default, which then refuses ``retain_graph``; graphs
+    compiled inside this context keep them (``torch._functorch.config.donated_buffer``: memory, not
+    results).
+    """
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
+def compiles(module: nn.Module, requested: bool) -> bool:
+    """Whether ``module``'s compiled passes should run: ``requested``, and no weight is a tensor subclass.
+
+    Quantized weights (torchao's, after ``QuantizationAwareTraining`` converts a model) are tensor
+    subclasses; once a compiled graph has run on them, torch can no longer move the module
+    (``module.cpu()``, which Lightning calls when a run ends, fails to swap them). A converted
+    model therefore runs eagerly.
+    """
+    return requested and not any(is_traceable_wrapper_subclass(p) for p in module.parameters())

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from llmkit._compile import forget_compiled_graphs
+from llmkit._compile import forget_compiled_graphs, several_backwards
 
 CLEAN, ATTACK, ADVERSARIAL = "clean", "attack", "adversarial"
 _ABSENT = object()
@@ -281,7 +281,8 @@ class Composition:
             return original(*args, **kwargs)
         self.pass_kind, self.clean_output, self.clean_term_grads = CLEAN, None, None
         try:
-            return self._step(*args, **kwargs)
+            with several_backwards():  # a compiled module's passes may be differentiated twice
+                return self._step(*args, **kwargs)
         finally:
             # Nothing of this step outlives it (the clean loss, the clean terms' gradients).
             self.clean_output = self.clean_term_grads = None

@@ -23,10 +23,12 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.compile import to_uncompiled
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from llmkit._compile import forget_compiled_graphs
 from llmkit.adversarial.quantized import is_quantized_weight
 from llmkit.callbacks._composition import ComposingCallback, Composition
 
@@ -464,6 +466,11 @@ class QuantizationAwareTraining(ComposingCallback):
             if isinstance(vars(layer).get("extra_repr"), types.MethodType):
                 del layer.extra_repr
         self._attach_hooks(module)
+        if isinstance(module, L.LightningModule) and module._compiler_ctx is not None:
+            # Compiled by `trainer.fit(torch.compile(model))`: the converted model runs eagerly, as
+            # torch cannot move a module whose quantized weights a compiled graph has run on.
+            to_uncompiled(module)
+        forget_compiled_graphs()
         self.converted = True
         return module
 

@@ -12,7 +12,7 @@ import torch
 from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 
-from llmkit._compile import eager
+from llmkit._compile import compiles, eager
 from llmkit.generation import GenerationConfig, GenerationScorer, Processor
 from llmkit.generation.search import pad_rows
 from llmkit.metrics import BLEUScore, Perplexity, ROUGEScore
@@ -285,7 +285,7 @@ class Seq2SeqTransformer(L.LightningModule):
         self._check_ids("tgt_in", tgt_in, self.hp.tgt_vocab_size, self.hp.max_len)
         if src.shape[0] != tgt_in.shape[0]:
             raise ValueError(f"`src` and `tgt` batch sizes differ: {src.shape[0]} and {tgt_in.shape[0]}")
-        return (_compiled_teacher_forcing() if self.hp.compile else _teacher_forcing)(self, src, tgt_in)
+        return (_compiled_teacher_forcing() if compiles(self, self.hp.compile) else _teacher_forcing)(self, src, tgt_in)
 
     # -----------------------------------------------------------------------------------------
     # Generation

@@ -15,7 +15,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from llmkit._compile import eager
+from llmkit._compile import compiles, eager
 from llmkit._logging import WindowedMeans
 from llmkit.nn.vae import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
@@ -322,7 +322,7 @@ class VAE(L.LightningModule):
                 out-of-range values; see :meth:`check_input`.
         """
         self.check_input(x)
-        return (_compiled_pass() if self.hp.compile else _pass)(self, x)
+        return (_compiled_pass() if compiles(self, self.hp.compile) else _pass)(self, x)
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         """``log p(x | z)`` per example, ``[...]``.
