@@ -274,3 +274,12 @@ def test_a_model_converted_at_the_end_of_a_compiled_fit_tests_and_moves(how):
     results = trainer().test(model, data)  # ends with model.cpu(), which must not fail
     assert torch.isfinite(torch.tensor(results[0]["test_loss"]))
     assert model._compiler_ctx is None  # Lightning's compiled steps were undone by the conversion
+
+
+@pytest.mark.parametrize("name", ["MultiHeadAttention self, causal", "DecoderLayer", "Decoder", "Encoder"])
+def test_blocks_trace_without_graph_breaks_with_a_dynamic_length(name):
+    """Batches of varying length compile with a symbolic length (Dynamo's automatic dynamic shapes)."""
+    module, args, kwargs = _blocks()[name]
+    torch._dynamo.maybe_mark_dynamic(args[0], 1)  # the Encoder's mask ties its length to 7: specialised there
+    explanation = torch._dynamo.explain(module)(*args, **kwargs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

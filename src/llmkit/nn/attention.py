@@ -271,7 +271,8 @@ class MultiHeadAttention(nn.Module):
                 keys, values = cache.append(keys, values)
             # One new position may see every earlier one. Otherwise position i of x (absolute
             # position cached + i) sees the keys up to cached + i.
-            is_causal = is_causal and x.shape[1] > 1
+            if x.shape[1] == 1:  # a branch, not a value: with dynamic shapes a guard, never a SymBool
+                is_causal = False
             if is_causal and (mask is not None or cached > 0):
                 causal = torch.ones(x.shape[1], keys.shape[2], dtype=torch.bool, device=x.device).tril(cached)
                 mask = causal if mask is None else mask & causal
