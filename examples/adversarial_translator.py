@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plain", type=Path, default=None,
                         help="a plainly trained translator of this recipe (default: train one)")
-    parser.add_argument("--steps", type=int, default=1_500, help="training steps of every model")
+    parser.add_argument("--steps", type=int, default=600, help="training steps of every model")
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["fgm"], choices=METHODS,

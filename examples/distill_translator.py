@@ -34,7 +34,7 @@ from llmkit.data import NumberWordsDataModule
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=None, help="a teacher checkpoint (default: train one)")
-    parser.add_argument("--teacher-steps", type=int, default=1_500)
+    parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--teacher-d-model", type=int, default=64)
     parser.add_argument("--student-d-model", type=int, default=32)
     parser.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each, both models")
