@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as L
+from torch.utils.data import DataLoader
 
 from llmkit import Seq2SeqTransformer
 from llmkit.data import NumberWordsDataModule
@@ -48,7 +49,11 @@ class EpochTimer(L.Callback):
 
 
 def fit_step_ms(
-    model: L.LightningModule, data: L.LightningDataModule, steps: int, callbacks: list[L.Callback], warmup: int = 3
+    model: L.LightningModule,
+    data: L.LightningDataModule | DataLoader,
+    steps: int,
+    callbacks: list[L.Callback],
+    warmup: int = 3,
 ) -> list[float]:
     """Each step's milliseconds, after the first ``warmup``, of ``Trainer.fit`` for ``steps`` on CPU.
 

@@ -4,9 +4,9 @@ QuantizationAwareTraining (8da4w: int8 dynamic activations, int4 weights in grou
 fake quantizers are many small elementwise ops a compiler fuses; KnowledgeDistillation (a teacher
 forward per step); AdversarialTraining FGM (a clean and an adversarial pass). Each is timed against
 the plain step of the same model, eager and compiled (``Seq2SeqTransformer(compile=True)``:
-inductor on CPU), as medians of ``Trainer.fit`` steps on the NumberWords task (batch 64), after
-the steps that compile. Runs are interleaved round by round so that every contender sees the
-same machine load.
+inductor on CPU), as medians of ``Trainer.fit`` steps on one NumberWords batch of 64 repeated
+(one shape: the compiled runs compile once, not once per length), after the steps that compile.
+Runs are interleaved round by round so that every contender sees the same machine load.
 
     python benchmarks/compile.py [--steps 30] [--rounds 2] [--quick]
 """
@@ -21,6 +21,7 @@ from collections.abc import Callable
 import lightning.pytorch as L
 import torch
 from _timing import fit_step_ms, translator
+from torch.utils.data import DataLoader
 
 from llmkit.callbacks import AdversarialTraining, KnowledgeDistillation, QuantizationAwareTraining
 from llmkit.data import NumberWordsDataModule
@@ -31,7 +32,7 @@ WARMUP = 6  # steps left out of the medians: inductor compiles the first ones (f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per run (after the warm-up)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved runs of each")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved runs of each")
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256], help="d_model of the QAT rows")
     parser.add_argument("--quick", action="store_true", help="8 steps, 1 round, d_model 64")
     args = parser.parse_args()
@@ -42,7 +43,10 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*leaves .* linear layer.*in float.*")
     data = NumberWordsDataModule(batch_size=64)
     data.setup("fit")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; NumberWords en->fr, batch 64, 3+3 layers; "
+    batch = next(iter(data.train_dataloader()))
+    batches = DataLoader([batch] * (WARMUP + args.steps), batch_size=None)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; a NumberWords en->fr batch of 64 "
+          f"({batch['src'].shape[1]} + {batch['tgt'].shape[1]} tokens), 3+3 layers; "
           f"medians of {args.steps} steps x {args.rounds} rounds after {WARMUP} warm-up steps\n")
     print(f"| {'d_model, callback':<24} | {'eager plain':>11} | {'eager with':>10} | {'eager ratio':>11} | "
           f"{'compiled plain':>14} | {'compiled with':>13} | {'compiled ratio':>14} |")
@@ -67,7 +71,7 @@ def main() -> None:
                     model = translator(data, d_model, compile=compiled)
                     callbacks = [make(compiled)] if with_callback else []
                     times[compiled, with_callback] += fit_step_ms(
-                        model, data, WARMUP + args.steps, callbacks, warmup=WARMUP
+                        model, batches, WARMUP + args.steps, callbacks, warmup=WARMUP
                     )
         ms = {key: statistics.median(values) for key, values in times.items()}
         print(f"| {name:<24} | {ms[False, False]:9.1f}ms | {ms[False, True]:8.1f}ms | "
