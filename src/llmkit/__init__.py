@@ -1,6 +1,7 @@
 """llmkit: Lightning components for people who build language models.
 
 - :class:`llmkit.Seq2SeqTransformer`: the encoder-decoder of "Attention Is All You Need".
+- :class:`llmkit.CausalLMTransformer`: a decoder-only language model (GPT-2/LLaMA layout) that samples.
 - :class:`llmkit.VAE`: a variational autoencoder that generates, denoises and estimates ``log p(x)``.
 - :mod:`llmkit.callbacks`: ``KnowledgeDistillation``, ``QuantizationAwareTraining``, for any LightningModule.
 - :mod:`llmkit.metrics`: ``BLEUScore``, ``ROUGEScore``, ``Perplexity`` (and ``.functional``).
@@ -18,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_LAZY = {"Seq2SeqTransformer": "llmkit.models", "VAE": "llmkit.models"}
+_LAZY = {"CausalLMTransformer": "llmkit.models", "Seq2SeqTransformer": "llmkit.models", "VAE": "llmkit.models"}
 
 if TYPE_CHECKING:
-    from llmkit.models import VAE, Seq2SeqTransformer
+    from llmkit.models import VAE, CausalLMTransformer, Seq2SeqTransformer
 
-__all__ = ["VAE", "Seq2SeqTransformer", "__version__"]
+__all__ = ["VAE", "CausalLMTransformer", "Seq2SeqTransformer", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

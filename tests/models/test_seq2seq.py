@@ -582,7 +582,7 @@ def test_bad_batches():
     ({"num_heads": 0}, ValueError, r"`num_heads` must be at least 1, got 0"),
     ({"max_len": 0}, ValueError, r"`max_len` must be at least 1, got 0"),
     ({"dim_feedforward": -1}, ValueError, r"`dim_feedforward` must be at least 1, got -1"),
-    ({"activation": "tanh"}, ValueError, r"`activation` must be one of \('relu', 'gelu'\), got 'tanh'"),
+    ({"activation": "tanh"}, ValueError, r"`activation` must be one of \('relu', 'gelu', 'swiglu'\), got 'tanh'"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

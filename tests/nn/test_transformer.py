@@ -151,5 +151,5 @@ def test_cache_overflow_and_bad_heads():
         cache.append(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
     with pytest.raises(ValueError, match=r"`embed_dim` \(10\) must be divisible by `num_heads` \(4\)"):
         MultiHeadAttention(embed_dim=10, num_heads=4)
-    with pytest.raises(ValueError, match=r"`activation` must be one of \('relu', 'gelu'\), got 'tanh'"):
+    with pytest.raises(ValueError, match=r"`activation` must be one of \('relu', 'gelu', 'swiglu'\), got 'tanh'"):
         Encoder(num_layers=1, d_model=8, num_heads=2, dim_feedforward=8, activation="tanh")

@@ -144,7 +144,7 @@ class GenerationConfig:
         *,
         reorder: ReorderFn,
         batch_size: int,
-        bos_id: int,
+        bos_id: int | Tensor,
         eos_id: int,
         pad_id: int,
         max_new_tokens: int,
@@ -161,7 +161,8 @@ class GenerationConfig:
                 (rows of one source adjacent); beam search takes their log-softmax.
             reorder: beam search's reorder of the step's state.
             batch_size: sources ``B``.
-            bos_id: the token every row starts from.
+            bos_id: the token every row starts from, or a prompt ``[B, P]`` the rows continue (a
+                decoder-only model's; the output holds only the tokens after it).
             eos_id: the token that ends a row.
             pad_id: fills a row after its EOS.
             max_new_tokens: the most tokens generated.

@@ -92,10 +92,32 @@ class _Prefix:
         return self.lengths > index, self.tokens[:, index]
 
 
+def first_tokens(bos_id: int | Tensor, rows: int, device: torch.device | str) -> Tensor:
+    """The tokens the ``rows`` start from: ``[rows, 1]`` of ``bos_id``, or a prompt ``[B, P]`` repeated to ``rows``.
+
+    A decoder-only language model starts from its prompt rather than BOS: row ``r`` continues
+    prompt row ``r // (rows // B)``, so the rows of one prompt (its beams, or its samples) are
+    adjacent. The searches return only what follows these first tokens.
+
+    Raises:
+        TypeError: If a tensor ``bos_id`` is not an integer tensor.
+        ValueError: If a prompt is not ``[B, P >= 1]`` with ``B`` dividing ``rows``.
+    """
+    if not isinstance(bos_id, Tensor):
+        return torch.full((rows, 1), bos_id, dtype=torch.long, device=device)
+    if bos_id.is_floating_point() or bos_id.is_complex() or bos_id.dtype == torch.bool:
+        raise TypeError(f"a prompt must hold integer token ids, got dtype {bos_id.dtype}")
+    if bos_id.ndim != 2 or bos_id.shape[1] < 1 or bos_id.shape[0] < 1 or rows % bos_id.shape[0]:
+        raise ValueError(
+            f"a prompt must have shape [B, P >= 1] with B dividing the {rows} rows, got {tuple(bos_id.shape)}"
+        )
+    return bos_id.to(device=device, dtype=torch.long).repeat_interleave(rows // bos_id.shape[0], dim=0)
+
+
 def _process(
     tokens: Tensor, scores: Tensor, processors: Sequence[Processor], *, index: int, min_new_tokens: int, eos_id: int
 ) -> Tensor:
-    if index < min_new_tokens:
+    if index < min_new_tokens and 0 <= eos_id < scores.shape[1]:  # an id outside the vocabulary never ends a row
         scores = scores.index_fill(1, torch.tensor([eos_id], device=scores.device), -math.inf)
     for processor in processors:
         scores = processor(tokens, scores)
@@ -126,7 +148,7 @@ def _token_by_token(
     step: StepFn,
     *,
     batch_size: int,
-    bos_id: int,
+    bos_id: int | Tensor,
     eos_id: int,
     pad_id: int,
     max_new_tokens: int,
@@ -142,7 +164,8 @@ def _token_by_token(
     if decoder_prefix is not None:
         check_prefix(decoder_prefix, batch_size=batch_size, max_new_tokens=max_new_tokens)
     prefix = _Prefix(decoder_prefix, pad_id, device)
-    tokens = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
+    tokens = first_tokens(bos_id, batch_size, device)
+    start = tokens.shape[1]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     token_scores: list[Tensor] = []
     for index in range(max_new_tokens):
@@ -163,7 +186,7 @@ def _token_by_token(
         finished |= next_token == eos_id
         if bool(finished.all()):
             break
-    sequences = tokens[:, 1:]
+    sequences = tokens[:, start:]
     if token_scores:
         per_token = torch.stack(token_scores, dim=1)
     else:
@@ -173,13 +196,13 @@ def _token_by_token(
 
 @overload
 def greedy_search(
-    step: StepFn, *, batch_size: int, bos_id: int, eos_id: int, pad_id: int, max_new_tokens: int,
+    step: StepFn, *, batch_size: int, bos_id: int | Tensor, eos_id: int, pad_id: int, max_new_tokens: int,
     min_new_tokens: int = ..., device: torch.device | str = ..., logits_processors: Sequence[Processor] = ...,
     decoder_prefix: Tensor | None = ..., return_scores: Literal[False] = ...,
 ) -> Tensor: ...
 @overload
 def greedy_search(
-    step: StepFn, *, batch_size: int, bos_id: int, eos_id: int, pad_id: int, max_new_tokens: int,
+    step: StepFn, *, batch_size: int, bos_id: int | Tensor, eos_id: int, pad_id: int, max_new_tokens: int,
     min_new_tokens: int = ..., device: torch.device | str = ..., logits_processors: Sequence[Processor] = ...,
     decoder_prefix: Tensor | None = ..., return_scores: Literal[True],
 ) -> GenerationOutput: ...
@@ -187,7 +210,7 @@ def greedy_search(
     step: StepFn,
     *,
     batch_size: int,
-    bos_id: int,
+    bos_id: int | Tensor,
     eos_id: int,
     pad_id: int,
     max_new_tokens: int,
@@ -202,7 +225,8 @@ def greedy_search(
     Args:
         step: the step function, ``[B, t] -> [B, V]`` logits (or log-probabilities).
         batch_size: rows ``B``.
-        bos_id: the token every row starts from.
+        bos_id: the token every row starts from, or a prompt ``[batch_size, P]`` each row continues
+            (not part of the output; see :func:`first_tokens`).
         eos_id: the token that ends a row.
         pad_id: fills a row after its EOS.
         max_new_tokens: the most tokens generated per row.
@@ -236,13 +260,13 @@ def greedy_search(
 
 @overload
 def sample(
-    step: StepFn, *, batch_size: int, bos_id: int, eos_id: int, pad_id: int, max_new_tokens: int,
+    step: StepFn, *, batch_size: int, bos_id: int | Tensor, eos_id: int, pad_id: int, max_new_tokens: int,
     min_new_tokens: int = ..., device: torch.device | str = ..., logits_processors: Sequence[Processor] = ...,
     decoder_prefix: Tensor | None = ..., generator: torch.Generator | None = ..., return_scores: Literal[False] = ...,
 ) -> Tensor: ...
 @overload
 def sample(
-    step: StepFn, *, batch_size: int, bos_id: int, eos_id: int, pad_id: int, max_new_tokens: int,
+    step: StepFn, *, batch_size: int, bos_id: int | Tensor, eos_id: int, pad_id: int, max_new_tokens: int,
     min_new_tokens: int = ..., device: torch.device | str = ..., logits_processors: Sequence[Processor] = ...,
     decoder_prefix: Tensor | None = ..., generator: torch.Generator | None = ..., return_scores: Literal[True],
 ) -> GenerationOutput: ...
@@ -250,7 +274,7 @@ def sample(
     step: StepFn,
     *,
     batch_size: int,
-    bos_id: int,
+    bos_id: int | Tensor,
     eos_id: int,
     pad_id: int,
     max_new_tokens: int,
@@ -271,7 +295,8 @@ def sample(
     Args:
         step: the step function, ``[B, t] -> [B, V]`` logits.
         batch_size: rows ``B`` (repeat each source ``k`` times for ``k`` samples of it).
-        bos_id: the token every row starts from.
+        bos_id: the token every row starts from, or a prompt ``[batch_size, P]`` each row continues
+            (not part of the output; see :func:`first_tokens`).
         eos_id: the token that ends a row.
         pad_id: fills a row after its EOS.
         max_new_tokens: the most tokens generated per row.
@@ -355,15 +380,17 @@ def check_beam_arguments(
 
 @overload
 def beam_search(
-    step: StepFn, *, reorder: ReorderFn, batch_size: int, num_beams: int, bos_id: int, eos_id: int, pad_id: int,
-    max_new_tokens: int, min_new_tokens: int = ..., length_penalty: float = ..., device: torch.device | str = ...,
+    step: StepFn, *, reorder: ReorderFn, batch_size: int, num_beams: int, bos_id: int | Tensor, eos_id: int,
+    pad_id: int, max_new_tokens: int, min_new_tokens: int = ..., length_penalty: float = ...,
+    device: torch.device | str = ...,
     logits_processors: Sequence[Processor] = ..., decoder_prefix: Tensor | None = ..., num_return_sequences: int = ...,
     num_beam_groups: int = ..., diversity_penalty: float = ..., return_scores: Literal[False] = ...,
 ) -> Tensor: ...
 @overload
 def beam_search(
-    step: StepFn, *, reorder: ReorderFn, batch_size: int, num_beams: int, bos_id: int, eos_id: int, pad_id: int,
-    max_new_tokens: int, min_new_tokens: int = ..., length_penalty: float = ..., device: torch.device | str = ...,
+    step: StepFn, *, reorder: ReorderFn, batch_size: int, num_beams: int, bos_id: int | Tensor, eos_id: int,
+    pad_id: int, max_new_tokens: int, min_new_tokens: int = ..., length_penalty: float = ...,
+    device: torch.device | str = ...,
     logits_processors: Sequence[Processor] = ..., decoder_prefix: Tensor | None = ..., num_return_sequences: int = ...,
     num_beam_groups: int = ..., diversity_penalty: float = ..., return_scores: Literal[True],
 ) -> GenerationOutput: ...
@@ -374,7 +401,7 @@ def beam_search(
     reorder: ReorderFn,
     batch_size: int,
     num_beams: int,
-    bos_id: int,
+    bos_id: int | Tensor,
     eos_id: int,
     pad_id: int,
     max_new_tokens: int,
@@ -407,7 +434,7 @@ def beam_search(
         reorder: called with ``[B * num_beams]`` row indices after each step.
         batch_size: sources ``B``.
         num_beams: beams per source.
-        bos_id: the token every beam starts from.
+        bos_id: the token every beam starts from, or a prompt ``[batch_size, P]`` (see :func:`first_tokens`).
         eos_id: the token that ends a hypothesis.
         pad_id: fills the rows after EOS.
         max_new_tokens: the most tokens generated.
@@ -446,7 +473,8 @@ def beam_search(
     prefix = _Prefix(decoder_prefix, pad_id, device)
     groups, group_size = num_beam_groups, num_beams // num_beam_groups
     rows = batch_size * num_beams
-    tokens = torch.full((rows, 1), bos_id, dtype=torch.long, device=device)
+    tokens = first_tokens(bos_id, rows, device)
+    start = tokens.shape[1]
     history_scores = torch.zeros(rows, 0, device=device)
     # Only the first beam of each group is live at the start, so the first step does not pick
     # the same continuation group_size times.
@@ -498,7 +526,7 @@ def beam_search(
                         if rank < group_size:
                             finished[b][g].add(
                                 score / length**length_penalty,
-                                [*tokens[row, 1:].tolist(), eos_id],
+                                [*tokens[row, start:].tolist(), eos_id],
                                 [*history_scores[row].tolist(), increment],
                             )
                         continue
@@ -536,13 +564,13 @@ def beam_search(
         pool: list[tuple[float, list[int], list[float]]] = []
         for g in range(groups):
             if not done[b][g]:
-                length = tokens.shape[1] - 1
+                length = tokens.shape[1] - start
                 for k in range(group_size):
                     if final_scores[b][g][k] > -math.inf:
                         row = b * num_beams + g * group_size + k
                         finished[b][g].add(
                             final_scores[b][g][k] / length**length_penalty,
-                            tokens[row, 1:].tolist(), history_scores[row].tolist(),
+                            tokens[row, start:].tolist(), history_scores[row].tolist(),
                         )
             pool.extend(finished[b][g].hypotheses)
         pool.sort(key=lambda item: -item[0])

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmkit.nn.positional import RotaryEmbedding
+
 
 def padding_mask_to_allowed(padding: Tensor) -> Tensor:
     """Turn a key padding mask into an attention mask that never leaves a row without keys.
@@ -235,6 +237,7 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         is_causal: bool = False,
         cache: KVCache | StaticKVCache | None = None,
+        rotary: RotaryEmbedding | None = None,
     ) -> Tensor:
         """Attend from ``x``.
 
@@ -247,11 +250,19 @@ class MultiHeadAttention(nn.Module):
             cache: self-attention's keys and values so far; ``x`` holds the next positions. With a
                 :class:`StaticKVCache`, attention runs over all its ``max_len`` slots, ``mask`` (then
                 broadcastable to ``[B, H, T, max_len]``) combined with the cache's own.
+            rotary: rotate the queries and the new keys by their positions (self-attention only):
+                ``x``'s first position is the cache's length, or 0 without a cache. The cache
+                holds keys already rotated.
 
         Returns:
             ``[B, T, D]``.
+
+        Raises:
+            ValueError: If cross-attention gets neither ``memory`` nor ``memory_kv``, or gets ``rotary``.
         """
         if self.cross:
+            if rotary is not None:
+                raise ValueError("rotary embeddings apply to self-attention only, not to cross-attention")
             query = self._heads(self.q_proj(x))
             if memory_kv is None:
                 if memory is None:
@@ -261,6 +272,10 @@ class MultiHeadAttention(nn.Module):
             is_causal = False
         else:
             query, keys, values = (self._heads(part) for part in self.qkv_proj(x).chunk(3, dim=-1))
+            if rotary is not None:
+                # x's first position: the static cache's tensor position (never read on the host), else an int.
+                offset = cache.position if isinstance(cache, StaticKVCache) else cache.length if cache else 0
+                query, keys = rotary(query, offset=offset), rotary(keys, offset=offset)
             if isinstance(cache, StaticKVCache):
                 allowed = cache.allowed(x.shape[1], causal=is_causal)
                 keys, values = cache.append(keys, values)

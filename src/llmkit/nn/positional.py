@@ -1,4 +1,4 @@
-"""Sinusoidal positional encoding ("Attention Is All You Need", section 3.5)."""
+"""Positions: sinusoidal encoding ("Attention Is All You Need", section 3.5) and rotary embeddings (RoPE)."""
 
 from __future__ import annotations
 
@@ -55,12 +55,94 @@ class SinusoidalPositionalEncoding(nn.Module):
             >>> torch.equal(encoding(x, offset=torch.tensor(3)), encoding(x, offset=3))
             True
         """
-        if isinstance(offset, Tensor):
-            if offset.ndim != 0 or offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
-                raise ValueError(
-                    "a tensor `offset` must be a 0-dim integer tensor, "
-                    f"got shape {tuple(offset.shape)} and {offset.dtype}"
-                )
-            rows = offset + torch.arange(x.shape[1], device=offset.device)
-            return x + self.pe.index_select(0, rows.to(self.pe.device)).to(x.dtype)
-        return x + self.pe[offset : offset + x.shape[1]].to(x.dtype)
+        _check_offset(offset)
+        return x + _rows(self.pe, offset, x.shape[1]).to(x.dtype)
+
+
+def _check_offset(offset: int | Tensor) -> None:
+    if isinstance(offset, Tensor) and (
+        offset.ndim != 0 or offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"a tensor `offset` must be a 0-dim integer tensor, got shape {tuple(offset.shape)} and {offset.dtype}"
+        )
+
+
+def _rows(table: Tensor, offset: int | Tensor, length: int) -> Tensor:
+    """Rows ``offset .. offset + length - 1`` of ``table``; a tensor offset is gathered without a host read."""
+    if isinstance(offset, Tensor):
+        rows = offset + torch.arange(length, device=offset.device)
+        return table.index_select(0, rows.to(table.device))
+    return table[offset : offset + length]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE; Su et al., 2021), as GPT-NeoX and LLaMA apply it to queries and keys.
+
+    Each head's width is split in two halves ``(x1, x2)``; position ``p`` rotates the pair
+    ``(x1[i], x2[i])`` by the angle ``p * base^(-2i / head_dim)``:
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = (-x2, x1)``. The dot product of a
+    rotated query and key then depends only on their distance. The cosines and sines of every
+    position up to ``max_len`` are computed once (in float64, stored in float32) as buffers that
+    are not saved in checkpoints.
+
+    Args:
+        head_dim: the width of one head ``Dh``; must be even.
+        max_len: the most positions rotated.
+        base: the wavelength base (10,000 in the paper and LLaMA).
+
+    Raises:
+        ValueError: If ``head_dim`` is odd or below 2, ``max_len`` below 1, or ``base`` not above 1.
+
+    Example:
+        >>> import torch
+        >>> rotary = RotaryEmbedding(head_dim=4, max_len=8)
+        >>> q = torch.randn(1, 2, 3, 4)  # [B, H, T, Dh]
+        >>> rotary(q).shape
+        torch.Size([1, 2, 3, 4])
+        >>> torch.allclose(rotary(q)[..., 0, :], q[..., 0, :])  # position 0 is not rotated
+        True
+    """
+
+    cos: Tensor
+    sin: Tensor
+
+    def __init__(self, *, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even `head_dim` >= 2, got {head_dim}")
+        if max_len < 1:
+            raise ValueError(f"`max_len` must be at least 1, got {max_len}")
+        if not base > 1.0:
+            raise ValueError(f"`base` must be above 1, got {base}")
+        self.head_dim, self.max_len, self.base = head_dim, max_len, base
+        inverse_frequency = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inverse_frequency)  # (max_len, Dh/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (max_len, Dh): one angle per pair, in both halves
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor, *, offset: int | Tensor = 0) -> Tensor:
+        """Rotate ``x`` ``[B, H, T, Dh]`` as positions ``offset .. offset + T - 1``.
+
+        Args:
+            x: queries or keys, ``[B, H, T, Dh]``.
+            offset: the position of ``x[:, :, 0]``: an int, or a 0-dim integer tensor (a
+                :class:`~llmkit.nn.StaticKVCache`'s ``position``), read on its device, never on the host.
+
+        Raises:
+            ValueError: If a tensor ``offset`` is not a 0-dim integer tensor, or ``x``'s last
+                dimension is not ``head_dim``.
+        """
+        _check_offset(offset)
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(f"rotary embeddings of head_dim={self.head_dim} got inputs of width {x.shape[-1]}")
+        length = x.shape[-2]
+        cos = _rows(self.cos, offset, length).to(x.dtype)  # (T, Dh), broadcast over B and H
+        sin = _rows(self.sin, offset, length).to(x.dtype)
+        half = self.head_dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"head_dim={self.head_dim}, max_len={self.max_len}, base={self.base}"

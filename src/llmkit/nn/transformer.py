@@ -1,8 +1,11 @@
-"""Encoder and decoder of "Attention Is All You Need" (Vaswani et al., 2017), post-LN or pre-LN.
+"""Encoder and decoder of "Attention Is All You Need" (Vaswani et al., 2017), and the decoder-only stack.
 
 Post-LN (the paper, ``norm_first=False``): ``x = norm(x + dropout(sublayer(x)))``.
 Pre-LN (``norm_first=True``): ``x = x + dropout(sublayer(norm(x)))``, with a final norm after
 the stack. Parameter names follow ``torch.nn.Transformer``'s where they mean the same.
+
+The decoder-only stack (:class:`CausalDecoder`, GPT-2 and nanoGPT's) is pre-LN blocks of masked
+self-attention and feed-forward, without cross-attention, optionally with rotary positions.
 """
 
 from __future__ import annotations
@@ -15,8 +18,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmkit.nn.attention import KVCache, MultiHeadAttention, StaticKVCache
+from llmkit.nn.positional import RotaryEmbedding
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
+
+def swiglu(x: Tensor) -> Tensor:
+    """SwiGLU (Shazeer, 2020): ``silu(gate) * up`` of the two halves ``(gate, up)`` of ``x``'s last dimension."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "swiglu": swiglu}
+#: Gated activations take twice the inner width from ``linear1`` (the gate and the value).
+GATED = frozenset({"swiglu"})
 
 
 def _activation(name: str) -> Callable[[Tensor], Tensor]:
@@ -32,12 +45,13 @@ class FeedForward(nn.Module):
         d_model: model width.
         dim_feedforward: inner width.
         dropout: dropout after the activation.
-        activation: ``"relu"`` (the paper) or ``"gelu"``.
+        activation: ``"relu"`` (the paper), ``"gelu"``, or ``"swiglu"`` (LLaMA's gated unit: ``linear1``
+            then gives ``2 * dim_feedforward`` features, the gate and the value).
     """
 
     def __init__(self, *, d_model: int, dim_feedforward: int, dropout: float, activation: str = "relu") -> None:
         super().__init__()
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear1 = nn.Linear(d_model, dim_feedforward * (2 if activation in GATED else 1))
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout = nn.Dropout(dropout)
         self.activation = _activation(activation)
@@ -344,3 +358,146 @@ class Decoder(nn.Module):
         for layer, kv, cache in zip(self._layers(), memory_kv, caches, strict=True):
             x = layer(x, memory_kv=kv, memory_mask=memory_mask, cache=cache)
         return self.norm(x) if self.norm is not None else x
+
+
+class CausalDecoderLayer(nn.Module):
+    """A decoder-only block, pre-LN as GPT-2 and nanoGPT: ``x + attn(norm1(x))``, then ``x + ffn(norm2(x))``.
+
+    Masked self-attention (no cross-attention) then feed-forward. Dropout acts on the attention
+    weights and on each sublayer's output (GPT-2's residual dropout), not inside the feed-forward.
+
+    Args:
+        d_model: model width.
+        num_heads: attention heads.
+        dim_feedforward: inner width of the feed-forward network.
+        dropout: dropout on the attention weights and on each sublayer's output.
+        activation: ``"gelu"`` (GPT-2), ``"relu"`` or ``"swiglu"``.
+        layer_norm_eps: layer norms' epsilon.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.1,
+        activation: str = "gelu",
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.self_attn = MultiHeadAttention(embed_dim=d_model, num_heads=num_heads, dropout=dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.feed_forward = FeedForward(
+            d_model=d_model, dim_feedforward=dim_feedforward, dropout=0.0, activation=activation
+        )
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        cache: KVCache | StaticKVCache | None = None,
+        rotary: RotaryEmbedding | None = None,
+    ) -> Tensor:
+        """``[B, T, D] -> [B, T, D]``; with ``cache``, ``x`` holds the positions after the cached ones."""
+        x = x + self.dropout1(self.self_attn(self.norm1(x), is_causal=True, cache=cache, rotary=rotary))
+        return x + self.dropout2(self.feed_forward(self.norm2(x)))
+
+
+class CausalDecoder(nn.Module):
+    """A stack of :class:`CausalDecoderLayer` with a final layer norm: a decoder-only transformer's body.
+
+    Args:
+        num_layers: how many layers; the other arguments are each layer's (:class:`CausalDecoderLayer`).
+        rotary: rotary position embeddings applied to every layer's queries and keys (``None``:
+            positions are the caller's, e.g. added to the token embeddings).
+
+    Example:
+        >>> import torch
+        >>> rotary = RotaryEmbedding(head_dim=4, max_len=16)
+        >>> decoder = CausalDecoder(num_layers=2, d_model=8, num_heads=2, dim_feedforward=16, dropout=0.0,
+        ...                         rotary=rotary)
+        >>> x = torch.randn(3, 5, 8)
+        >>> state = decoder.init_state(batch_size=3, max_len=6)
+        >>> torch.allclose(decoder(x), torch.cat([decoder(x[:, :4], state=state), decoder(x[:, 4:], state=state)], 1),
+        ...                atol=1e-6)  # incremental decoding equals the full pass
+        True
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.1,
+        activation: str = "gelu",
+        layer_norm_eps: float = 1e-5,
+        rotary: RotaryEmbedding | None = None,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            CausalDecoderLayer(
+                d_model=d_model, num_heads=num_heads, dim_feedforward=dim_feedforward, dropout=dropout,
+                activation=activation, layer_norm_eps=layer_norm_eps,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.rotary = rotary
+
+    def _layers(self) -> list[CausalDecoderLayer]:
+        return [cast(CausalDecoderLayer, layer) for layer in self.layers]
+
+    def init_state(
+        self,
+        *,
+        batch_size: int,
+        max_len: int,
+        static: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> DecoderState:
+        """Start incremental decoding of up to ``max_len`` positions (the prompt's included).
+
+        Args:
+            batch_size: rows ``B`` (fixed for a static cache).
+            max_len: the most positions decoded.
+            static: preallocate :class:`StaticKVCache` buffers (fixed shapes, a tensor position), so
+                that a step compiled with ``torch.compile`` is compiled once whatever the length.
+            device: where static buffers live (default: the layers').
+            dtype: the static buffers' dtype (default: the autocast dtype under autocast, else the layers').
+
+        Raises:
+            ValueError: If ``max_len`` or, with ``static=True``, ``batch_size`` is below 1.
+        """
+        if max_len < 1:
+            raise ValueError(f"`max_len` must be at least 1, got {max_len}")
+        if not static:
+            return DecoderState([KVCache(max_len=max_len) for _ in self.layers], [], None)
+        weight = self._layers()[0].self_attn.qkv_proj.weight if self.layers else self.norm.weight
+        device = torch.device(device) if device is not None else weight.device
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
+        caches = [
+            StaticKVCache(
+                max_len=max_len, batch_size=batch_size, num_heads=layer.self_attn.num_heads,
+                head_dim=layer.self_attn.head_dim, dtype=dtype, device=device,
+            )
+            for layer in self._layers()
+        ]
+        return DecoderState(caches, [], None)
+
+    def forward(self, x: Tensor, *, state: DecoderState | None = None) -> Tensor:
+        """Decode ``x`` ``[B, T, D]`` (with ``state``: the positions after the cached ones) into ``[B, T, D]``."""
+        caches: Sequence[KVCache | StaticKVCache | None] = (
+            state.caches if state is not None else [None] * len(self.layers)
+        )
+        for layer, cache in zip(self._layers(), caches, strict=True):
+            x = layer(x, cache=cache, rotary=self.rotary)
+        return self.norm(x)
