@@ -85,6 +85,8 @@ class CausalLMTransformer(L.LightningModule):
     and optionally ``"labels"`` ``[B, T]`` (aligned with the inputs, shifted here; ``-100`` is
     ignored) and ``"attention_mask"`` (1 on tokens, 0 on padding; padding must be at the end of
     a row). Without labels every next token is a label, except ``pad_id`` and masked positions.
+    Positions ``0 .. T-2`` are fed and predict tokens ``1 .. T-1``, so ``T`` may be ``max_len + 1``
+    (a :class:`~llmkit.data.PythonDocsDataModule` batch is ``block_size + 1`` tokens).
 
     Args:
         vocab_size: vocabulary size ``V``.
@@ -433,7 +435,7 @@ class CausalLMTransformer(L.LightningModule):
             raise TypeError(
                 f"a batch must be a LongTensor [B, T] or a mapping with 'input_ids', got {type(batch).__name__}"
             )
-        self.check_ids("input_ids", ids)
+        self.check_ids("input_ids", ids, max_len=self.hp.max_len + 1)  # the last token is only a label
         if ids.shape[1] < 2:
             raise ValueError(f"a training sequence needs at least 2 tokens, got shape {tuple(ids.shape)}")
         if mask is not None:
@@ -452,11 +454,12 @@ class CausalLMTransformer(L.LightningModule):
         return ids, labels
 
     def _shared_step(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits [B, T-1, V], targets [B, T-1], loss)``: positions ``0 .. T-2`` predict tokens ``1 .. T-1``."""
         ids, labels = self._unpack(batch)
-        # Position t predicts label t + 1; the last position has nothing to predict. Shifting the
-        # labels, not the logits, saves copying a [B, T, V] tensor.
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        logits = self(ids)
+        # The last position has nothing to predict: it is not fed (nanoGPT's x, y), so a batch of
+        # block_size + 1 tokens runs the model on block_size positions.
+        inputs, targets = ids[:, :-1], labels[:, 1:]
+        logits = self(inputs)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
             ignore_index=IGNORE_INDEX, label_smoothing=self.hp.label_smoothing,
