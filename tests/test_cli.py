@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit import VAE, Seq2SeqTransformer
+from llmkit import VAE, CausalLMTransformer, Seq2SeqTransformer
 from llmkit.cli import cli
-from llmkit.data import DigitsDataModule, NumberWordsDataModule
+from llmkit.data import DigitsDataModule, NumberWordsDataModule, PythonDocsDataModule
 from tests.accelerator import ACCELERATOR
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "translate.yaml"
@@ -161,3 +161,29 @@ def test_vae_config_fits_and_tests_with_the_data_modules_input_shape(tmp_path, f
     (last,) = sorted(tmp_path.rglob("last.ckpt"))
     tested = run_cli(["test", *args, "--ckpt_path", str(last)])
     assert "test_nll" in tested.trainer.callback_metrics
+
+
+def test_lm_config_fits_then_tests_from_its_checkpoint_with_the_data_modules_vocabulary(tmp_path):
+    config = CONFIG.parent / "lm.yaml"
+    tiny = [
+        "--config", str(config), "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", ACCELERATOR,
+        "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
+        "--data.init_args.tokenizer_dir", str(tmp_path), "--data.init_args.vocab_size", "300",
+        "--data.init_args.block_size", "16", "--data.init_args.batch_size", "4",
+        "--model.init_args.d_model", "16", "--model.init_args.num_layers", "1", "--model.init_args.dim_feedforward", "32",
+    ]
+    run = run_cli(["fit", *tiny, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    model, data = run.model, run.datamodule
+    assert isinstance(model, CausalLMTransformer) and isinstance(data, PythonDocsDataModule)
+    # The link: the model's vocabulary is the trained tokenizer's, and the tokenizer is beside the checkpoints.
+    assert model.hparams.vocab_size == data.vocab_size == model.embed.num_embeddings
+    assert (tmp_path / "tokenizer.json").exists()
+    (last,) = sorted(tmp_path.rglob("last.ckpt"))
+    tested = run_cli(["test", *tiny, "--ckpt_path", str(last), "--trainer.limit_test_batches", "2"])
+    loaded = CausalLMTransformer.load_from_checkpoint(last).eval()
+    # test_ppl equals the loaded model's perplexity over the two test batches, by hand.
+    blocks = data.blocks("test")[:8]
+    with torch.no_grad():
+        logits = loaded(blocks[:, :-1])
+    expected = math.exp(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), blocks[:, 1:].reshape(-1))))
+    assert math.isclose(float(tested.trainer.callback_metrics["test_ppl"]), expected, rel_tol=1e-5)

@@ -3,11 +3,13 @@
     llmkit fit --config examples/configs/translate.yaml
     llmkit test --config examples/configs/translate.yaml --ckpt_path outputs/translate/last.ckpt
     llmkit fit --config examples/configs/vae_digits.yaml
+    llmkit fit --config examples/configs/lm.yaml
 
 The model and the data module are chosen by ``class_path`` (LightningCLI's subclass mode), so
 any LightningModule and LightningDataModule can be named. What the data module knows is handed
 to the model, so a config need not repeat it: the vocabulary sizes (``data.src_vocab_size`` ->
-``model.init_args.src_vocab_size``, and the target side likewise) and the example shape
+``model.init_args.src_vocab_size``, the target side likewise, and a language model's
+``data.vocab_size`` -> ``model.init_args.vocab_size``) and the example shape
 (``data.input_shape`` -> ``model.init_args.input_shape``). A link applies where both sides have
 the attribute.
 """
@@ -23,7 +25,7 @@ class LLMKitCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link what the data module knows once it is built to the model's arguments."""
-        for name in ("src_vocab_size", "tgt_vocab_size", "input_shape"):
+        for name in ("src_vocab_size", "tgt_vocab_size", "vocab_size", "input_shape"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
 
