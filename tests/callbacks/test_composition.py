@@ -4,6 +4,10 @@ Oracles: the fit with the callbacks in one order (every permutation gives the sa
 1e-6); an uninterrupted fit (for save -> resume); the module's own attributes, hooks, submodules
 and state-dict keys before the fit (after it, and after an exception in it); a closed form for
 the composed loss (KD's term on the clean pass around AdversarialTraining's mix).
+
+The order, module-as-before, ``test(ckpt_path)`` and save -> resume tests run on each
+:class:`Case`: a Seq2SeqTransformer with chosen settings, a CausalLMTransformer with every
+callback's defaults (and, for save -> resume, T5 in a user's LightningModule).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning.pytorch as L
 import pytest
@@ -35,7 +41,15 @@ from llmkit.callbacks import (
 )
 from llmkit.callbacks._composition import ComposingCallback, Composition
 from llmkit.metrics import BLEUScore
-from tests.callbacks.helpers import RecordLosses, seq2seq_batch, trainer, translator
+from tests.callbacks.helpers import (
+    RecordLosses,
+    language_model,
+    lm_batch,
+    seq2seq_batch,
+    snapshot,
+    trainer,
+    translator,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,37 +72,69 @@ def seq2seq_callbacks(teacher: nn.Module) -> dict[str, L.Callback]:
     }
 
 
-def run_seq2seq(order: tuple[str, ...], steps: int = 3) -> tuple[list[float], nn.Module]:
+class Case(NamedTuple):
+    """A fresh, seeded student with llmkit's three callbacks by name, and its data (one batch per epoch).
+
+    ``evaluation``: validation callbacks run beside them, which log ``scores`` (each in [0, 1]).
+    """
+
+    module: L.LightningModule
+    callbacks: dict[str, L.Callback]
+    data: DataLoader
+    evaluation: tuple[L.Callback, ...] = ()
+    scores: tuple[str, ...] = ()
+
+
+def seq2seq_case() -> Case:
     torch.manual_seed(0)
     student, teacher = translator(d_model=32), translator(d_model=64)
-    callbacks = seq2seq_callbacks(teacher)
+    evaluation = (
+        GenerationEvaluation({"bleu": BLEUScore(ignore_index=0)}, num_batches=1, ignore_ids=(2,),
+                             prefix="gen_"),  # the translator logs its own val_bleu
+        RobustnessEvaluation(epsilon=0.5, steps=2, ignore_index=0),
+    )
+    return Case(student, seq2seq_callbacks(teacher), seq2seq_data(), evaluation, ("gen_bleu", "val_robust_acc"))
+
+
+def causal_lm_case() -> Case:
+    """A CausalLMTransformer (rotary positions) with every callback's defaults: KD from a twice wider LM, 8da4w, FGM."""
+    torch.manual_seed(0)
+    student, teacher = language_model(32), language_model(64)
+    callbacks = {"kd": KnowledgeDistillation(teacher), "qat": QuantizationAwareTraining(), "adv": AdversarialTraining()}
+    # A batch of ids is its own labels (shifted by one): the accuracy's targets are named.
+    robust = RobustnessEvaluation(epsilon=0.5, steps=2, target_fn=lambda ids: ids)
+    return Case(student, callbacks, DataLoader([lm_batch()], batch_size=None), (robust,), ("val_robust_acc",))
+
+
+def t5_case() -> Case:
+    hf = pytest.importorskip("tests.callbacks.hf")
+    torch.manual_seed(0)
+    module = hf.make("t5")[0]
+    callbacks = {"kd": KnowledgeDistillation(hf.fresh_copy(module)), "qat": QuantizationAwareTraining(),
+                 "adv": AdversarialTraining("pgd", steps=2)}
+    return Case(module, callbacks, hf.loader("t5", batches=1))
+
+
+CASES = [pytest.param(seq2seq_case, id="seq2seq"), pytest.param(causal_lm_case, id="causal_lm")]
+
+
+def run_case(case: Callable[[], Case], order: tuple[str, ...], steps: int = 3) -> tuple[list[float], nn.Module]:
+    student, callbacks, data, *_ = case()
     record = RecordLosses()
-    trainer(max_steps=steps, callbacks=[*(callbacks[name] for name in order), record]).fit(student, seq2seq_data())
+    trainer(max_steps=steps, callbacks=[*(callbacks[name] for name in order), record]).fit(student, data)
     return record.losses, student
-
-
-def snapshot(module: nn.Module) -> dict[str, object]:
-    """What a callback could leave behind on a module."""
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
-             "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
-    return {
-        "attributes": sorted(vars(module)),
-        "methods": {name: vars(module).get(name) for name in ("training_step", "on_load_checkpoint", "log")},
-        "modules": [(name, type(m).__name__) for name, m in module.named_modules()],
-        "hooks": {name: [len(getattr(m, h, {})) for h in hooks] for name, m in module.named_modules()},
-        "state": sorted(module.state_dict()),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. Any order, the same fit
 
 
-def test_every_order_of_the_three_callbacks_gives_the_same_losses():
-    reference, _ = run_seq2seq(NAMES)
+@pytest.mark.parametrize("case", CASES)
+def test_every_order_of_the_three_callbacks_gives_the_same_losses(case):
+    reference, _ = run_case(case, NAMES)
     assert len(reference) == 3 and all(torch.isfinite(torch.tensor(reference)))
     for order in itertools.permutations(NAMES):
-        losses, _ = run_seq2seq(order)
+        losses, _ = run_case(case, order)
         assert losses == pytest.approx(reference, rel=1e-6, abs=1e-7), order
 
 
@@ -151,41 +197,35 @@ def test_composed_loss_is_distillation_on_the_clean_pass_around_the_adversarial_
 # 2. The module as it was
 
 
-def test_the_module_is_as_before_after_fit_and_after_an_exception():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("case", CASES)
+def test_the_module_is_as_before_after_fit_and_after_an_exception(case):
     for order in itertools.permutations(("kd", "adv")):
-        student, teacher = translator(d_model=32), translator(d_model=64)
+        student, callbacks, data, evaluation, scores = case()
         before = snapshot(student)
-        callbacks = seq2seq_callbacks(teacher)
-        robust = RobustnessEvaluation(epsilon=0.5, steps=2, ignore_index=0)
-        evaluation = GenerationEvaluation({"bleu": BLEUScore(ignore_index=0)}, num_batches=1, ignore_ids=(2,),
-                                          prefix="gen_")  # the translator logs its own val_bleu
-        fit = trainer(max_steps=2, callbacks=[evaluation, *(callbacks[n] for n in order), robust], limit_val_batches=1)
-        fit.fit(student, seq2seq_data(), seq2seq_data())
+        fit = trainer(max_steps=2, callbacks=[*evaluation, *(callbacks[n] for n in order)], limit_val_batches=1)
+        fit.fit(student, data, data)
         assert snapshot(student) == before, order
-        assert 0.0 <= float(fit.callback_metrics["gen_bleu"]) <= 1.0
-        fresh = translator(d_model=32)
-        fresh.load_state_dict(student.state_dict())  # strictly
+        assert scores and all(0.0 <= float(fit.callback_metrics[name]) <= 1.0 for name in scores)
+        case().module.load_state_dict(student.state_dict())  # strictly
 
     class Boom(L.Callback):
         def on_train_batch_end(self, *args, **kwargs):
             raise RuntimeError("boom")
 
-    student, teacher = translator(d_model=32), translator(d_model=64)
+    student, callbacks, data, *_ = case()
     before = snapshot(student)
-    callbacks = seq2seq_callbacks(teacher)
     with pytest.raises(RuntimeError, match="boom"):
-        trainer(max_steps=2, callbacks=[callbacks["adv"], callbacks["kd"], Boom()]).fit(student, seq2seq_data())
+        trainer(max_steps=2, callbacks=[callbacks["adv"], callbacks["kd"], Boom()]).fit(student, data)
     assert snapshot(student) == before
     assert Composition.of(student) is None
 
 
-def test_quantization_changes_only_its_layers():
-    """QAT's prepare swaps layers (its documented change); nothing else of the others is left."""
-    torch.manual_seed(0)
-    _, prepared_alone = run_seq2seq(("qat",))
+@pytest.mark.parametrize("case", CASES)
+def test_quantization_changes_only_its_layers(case):
+    """QAT's prepare (and convert) swaps layers (its documented change); nothing else of the others is left."""
+    _, prepared_alone = run_case(case, ("qat",))
     for order in (("adv", "qat", "kd"), ("kd", "adv", "qat")):
-        _, student = run_seq2seq(order)
+        _, student = run_case(case, order)
         assert snapshot(student) == snapshot(prepared_alone), order
 
 
@@ -222,39 +262,23 @@ def test_an_instance_training_step_of_the_users_is_restored():
 # 3. Checkpoints: test(ckpt_path), save -> resume
 
 
-def test_test_with_ckpt_path_last_after_a_composed_fit(tmp_path):
-    torch.manual_seed(0)
-    student, teacher = translator(d_model=32), translator(d_model=64)
-    callbacks = seq2seq_callbacks(teacher)
+@pytest.mark.parametrize("case", CASES)
+def test_test_with_ckpt_path_last_after_a_composed_fit(case, tmp_path):
+    student, callbacks, data, *_ = case()
     callbacks["qat"] = QuantizationAwareTraining()  # converts at the end of fit
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit = trainer(max_steps=2, callbacks=[*callbacks.values(), checkpoint], enable_checkpointing=True)
-    fit.fit(student, seq2seq_data())
-    results = fit.test(student, seq2seq_data(), ckpt_path="last", verbose=False)
+    fit.fit(student, data)
+    results = fit.test(student, data, ckpt_path="last", verbose=False)
     assert results and all(torch.isfinite(torch.tensor(v)) for v in results[0].values())
 
 
-def seq2seq_case() -> tuple[L.LightningModule, dict[str, L.Callback], DataLoader]:
-    torch.manual_seed(0)
-    student, teacher = translator(d_model=32), translator(d_model=64)
-    return student, seq2seq_callbacks(teacher), seq2seq_data()
-
-
-def t5_case() -> tuple[L.LightningModule, dict[str, L.Callback], DataLoader]:
-    hf = pytest.importorskip("tests.callbacks.hf")
-    torch.manual_seed(0)
-    module = hf.make("t5")[0]
-    callbacks = {"kd": KnowledgeDistillation(hf.fresh_copy(module)), "qat": QuantizationAwareTraining(),
-                 "adv": AdversarialTraining("pgd", steps=2)}
-    return module, callbacks, hf.loader("t5", batches=1)
-
-
-@pytest.mark.parametrize("case", [seq2seq_case, t5_case], ids=["seq2seq", "t5"])
+@pytest.mark.parametrize("case", [*CASES, pytest.param(t5_case, id="t5")])
 def test_save_and_resume_equals_an_uninterrupted_fit(case, tmp_path):
     """One batch per epoch, so the resumed run sees exactly the batches the uninterrupted one did."""
 
     def run(order, max_epochs, ckpt_path=None, directory=None):
-        module, callbacks, data = case()
+        module, callbacks, data, *_ = case()
         record = RecordLosses()
         extra = [ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1)] if directory else []
         fit = trainer(max_epochs=max_epochs, callbacks=[*(callbacks[n] for n in order), record, *extra],

@@ -264,7 +264,9 @@ class CausalLMTransformer(L.LightningModule):
         """
         x = self.embed(ids)
         if self.position_embed is not None:
-            x = x + self.position_embed(offset + torch.arange(ids.shape[1], device=ids.device))
+            positions = offset + torch.arange(ids.shape[1], device=ids.device)
+            # [B, T] positions, not [T]: its output then has the batch axis an attack's perturbation needs.
+            x = x + self.position_embed(positions.expand(ids.shape[0], -1))
         elif self.positional is not None:
             x = self.positional(x, offset=offset)
         return self.embed_dropout(x)
