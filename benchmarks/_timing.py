@@ -54,15 +54,16 @@ def fit_step_ms(
     steps: int,
     callbacks: list[L.Callback],
     warmup: int = 3,
+    **trainer_kwargs: Any,
 ) -> list[float]:
     """Each step's milliseconds, after the first ``warmup``, of ``Trainer.fit`` for ``steps`` on CPU.
 
-    No logger, checkpoints or validation.
+    No logger, checkpoints or validation; ``trainer_kwargs`` (e.g. ``gradient_clip_val``) go to the Trainer.
     """
     timer = StepTimer()
     L.Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[*callbacks, timer],
+        enable_model_summary=False, limit_val_batches=0, callbacks=[*callbacks, timer], **trainer_kwargs,
     ).fit(model, data)
     return [1000 * t for t in timer.times[warmup:]]
 

@@ -152,3 +152,20 @@ def test_compose_callbacks():
     assert all(left == "0" for *_, left in rows)
     assert float(re.search(r"largest loss difference between the two orders: (\S+)", out).group(1)) == 0.0
     assert float(re.search(r"after conversion: (\S+)x", out).group(1)) < 0.35
+
+
+def test_train_lm(tmp_path):
+    out = run(
+        "train_lm.py", "--minutes", "0.05", "--student-steps", "4", "--qat-steps", "2", "--d-model", "32",
+        "--layers", "1", "--vocab-size", "300", "--block-size", "32", "--eval-interval", "5", "--new-tokens", "8",
+        "--output", str(tmp_path),
+    )
+    assert out.count("' -> '") == 3  # a sampled continuation per prompt
+    rows = re.findall(r"^\| (.+?)\s+\|\s+([\d,]+) \|\s+(\S+) \|\s+(\d+) KiB \((\S+)x\) \|\s+(\S+) \|$", out, re.M)
+    assert [row[0] for row in rows] == [
+        "llmkit CausalLMTransformer", "nanoGPT recipe, same time", "student alone, 4 steps",
+        "student distilled, 4 steps", "QAT 8da4w, 2 steps",
+    ], out
+    assert all(1.0 < float(ppl) < 400.0 for _, _, ppl, *_ in rows)  # finite, about uniform (300) after so few steps
+    assert float(rows[-1][4]) <= 0.35  # int4 linear weights
+    assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "lm.ckpt").exists()
