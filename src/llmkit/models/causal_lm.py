@@ -451,8 +451,17 @@ class CausalLMTransformer(L.LightningModule):
                 labels = labels.masked_fill(ids == self.hp.pad_id, IGNORE_INDEX)
             if mask is not None:
                 labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
-        elif labels.shape != ids.shape:
-            raise ValueError(f"`labels` has shape {tuple(labels.shape)}, `input_ids` {tuple(ids.shape)}")
+        else:
+            if labels.shape != ids.shape:
+                raise ValueError(f"`labels` has shape {tuple(labels.shape)}, `input_ids` {tuple(ids.shape)}")
+            targets = labels[:, 1:]  # the first column is never a target
+            if self.hp.check_inputs and targets.numel():
+                kept = targets[targets != IGNORE_INDEX]
+                if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= self.hp.vocab_size):
+                    raise ValueError(
+                        f"`labels` hold ids in [{int(kept.min())}, {int(kept.max())}] outside the vocabulary "
+                        f"[0, {self.hp.vocab_size - 1}] (or {IGNORE_INDEX}, ignored)"
+                    )
         return ids, labels
 
     def _shared_step(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
