@@ -23,9 +23,11 @@ import torch._inductor.config
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from llmkit import VAE, Seq2SeqTransformer
+from llmkit import VAE, CausalLMTransformer, Seq2SeqTransformer
 from llmkit.callbacks import AdversarialTraining, KnowledgeDistillation, QuantizationAwareTraining
 from llmkit.nn import (
+    CausalDecoder,
+    CausalDecoderLayer,
     ConvDecoder,
     ConvEncoder,
     Decoder,
@@ -36,6 +38,7 @@ from llmkit.nn import (
     MLPDecoder,
     MLPEncoder,
     MultiHeadAttention,
+    RotaryEmbedding,
     SinusoidalPositionalEncoding,
     label_smoothed_cross_entropy,
     padding_mask_to_allowed,
@@ -86,6 +89,12 @@ def _blocks():
                     {"mask": allowed}),
         "Decoder": (decoder, (x,), {"memory": memory, "memory_mask": allowed}),
         "SinusoidalPositionalEncoding": (SinusoidalPositionalEncoding(d_model=8, max_len=16), (x,), {"offset": 3}),
+        "RotaryEmbedding": (RotaryEmbedding(head_dim=4, max_len=16), (torch.randn(2, 2, 5, 4),), {"offset": 3}),
+        "FeedForward swiglu": (FeedForward(d_model=8, dim_feedforward=16, dropout=0.1, activation="swiglu"), (x,), {}),
+        "CausalDecoderLayer": (CausalDecoderLayer(d_model=8, num_heads=2, dim_feedforward=16), (x,),
+                               {"rotary": RotaryEmbedding(head_dim=4, max_len=16)}),
+        "CausalDecoder rope": (CausalDecoder(num_layers=2, d_model=8, num_heads=2, dim_feedforward=16,
+                                             rotary=RotaryEmbedding(head_dim=4, max_len=16)), (x,), {}),
         "MLPEncoder": (MLPEncoder(input_shape=(6,), hidden_dims=(5,), latent_dim=2), (torch.rand(3, 6),), {}),
         "MLPDecoder": (MLPDecoder(latent_dim=2, hidden_dims=(5,), output_shape=(6,)), (torch.randn(3, 2),), {}),
         "ConvEncoder": (ConvEncoder(input_shape=(1, 8, 8), channels=(4, 8), latent_dim=2), (torch.rand(3, 1, 8, 8),),
@@ -128,6 +137,40 @@ def test_the_models_compiled_passes_trace_without_graph_breaks():
     vae = VAE(input_shape=(16,), latent_dim=2, hidden_dims=(8,))
     explanation = torch._dynamo.explain(_pass)(vae, torch.rand(4, 16))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("positional", ["rope", "learned", "sinusoidal"])
+def test_the_language_models_pass_and_its_static_decoding_step_trace_without_graph_breaks(positional):
+    from llmkit.models.causal_lm import _incremental_step, _logits
+
+    torch.manual_seed(0)
+    model = CausalLMTransformer(32, d_model=8, num_heads=2, num_layers=2, dim_feedforward=16, max_len=16,
+                                positional=positional)
+    ids = torch.randint(0, 32, (2, 6))
+    explanation = torch._dynamo.explain(_logits)(model, ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    model.eval()
+    state = model.decoder.init_state(batch_size=2, max_len=8, static=True)
+    explanation = torch._dynamo.explain(_incremental_step)(model, ids, state)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.slow
+def test_the_language_models_compile_flag_on_inductor_equals_eager(eager_random):
+    torch.manual_seed(0)
+    eager = CausalLMTransformer(32, d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, max_len=16)
+    compiled = copy.deepcopy(eager)
+    compiled.hparams.compile = True
+    ids = torch.randint(0, 32, (4, 13))
+    losses = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)  # the same dropout masks (fallback_random)
+        _, _, loss = model._shared_step(ids)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
 
 
 # ---------------------------------------------------------------------------------------------

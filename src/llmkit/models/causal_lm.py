@@ -522,14 +522,16 @@ class CausalLMTransformer(L.LightningModule):
             )
 
     def configure_optimizers(self) -> Any:
-        """AdamW (decay on weight matrices, not on biases and norms) with warm-up and cosine decay."""
+        """AdamW (decay on matrices, not on biases and norms; fused where it can be), warm-up and cosine decay."""
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         groups = [
             {"params": decay, "weight_decay": self.hp.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hp.lr, betas=tuple(self.hp.betas))
+        # torch's fused AdamW (one kernel for every parameter) where it applies: plain parameters on CPU or CUDA.
+        fused = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.hp.lr, betas=tuple(self.hp.betas), fused=fused or None)
         decay_steps = self.hp.decay_steps
         if decay_steps is None and self._trainer is not None:
             total = self.trainer.estimated_stepping_batches

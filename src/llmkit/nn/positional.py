@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -76,6 +78,34 @@ def _rows(table: Tensor, offset: int | Tensor, length: int) -> Tensor:
     return table[offset : offset + length]
 
 
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair ``(x1[i], x2[i])`` of ``x``'s halves by the angles of ``cos``, ``sin`` (``[T, Dh/2]``)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    first, second = out[..., :half], out[..., half:]
+    # Written into the halves of one buffer: two passes over the elements instead of a cat, a negation,
+    # two products and a sum.
+    torch.mul(x1, cos, out=first).addcmul_(x2, sin, value=-1.0)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=second).addcmul_(x1, sin)  # x2 cos + x1 sin
+    return out
+
+
+class _Rotation(torch.autograd.Function):
+    """``_rotate`` with its gradient: a rotation's transpose is the rotation by the opposite angle."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad.contiguous(), cos, -sin), None, None
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE; Su et al., 2021), as GPT-NeoX and LLaMA apply it to queries and keys.
 
@@ -84,7 +114,8 @@ class RotaryEmbedding(nn.Module):
     ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = (-x2, x1)``. The dot product of a
     rotated query and key then depends only on their distance. The cosines and sines of every
     position up to ``max_len`` are computed once (in float64, stored in float32) as buffers that
-    are not saved in checkpoints.
+    are not saved in checkpoints. The rotation is one autograd node (its backward is the rotation
+    by the opposite angle), two passes over the elements each way; differentiable once.
 
     Args:
         head_dim: the width of one head ``Dh``; must be even.
@@ -118,7 +149,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.max_len, self.base = head_dim, max_len, base
         inverse_frequency = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inverse_frequency)  # (max_len, Dh/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (max_len, Dh): one angle per pair, in both halves
+        # One angle per pair (x1[i], x2[i]).
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
@@ -138,11 +169,15 @@ class RotaryEmbedding(nn.Module):
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"rotary embeddings of head_dim={self.head_dim} got inputs of width {x.shape[-1]}")
         length = x.shape[-2]
-        cos = _rows(self.cos, offset, length).to(x.dtype)  # (T, Dh), broadcast over B and H
+        cos = _rows(self.cos, offset, length).to(x.dtype)  # (T, Dh/2), broadcast over B and H
         sin = _rows(self.sin, offset, length).to(x.dtype)
-        half = self.head_dim // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        if torch.compiler.is_compiling():
+            # Dynamo refuses `out=` views; a compiler fuses the plain formula into one pass anyway.
+            half = self.head_dim // 2
+            x1, x2 = x[..., :half], x[..., half:]
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        rotated: Tensor = _Rotation.apply(x, cos, sin)  # type: ignore[no-untyped-call]
+        return rotated
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"head_dim={self.head_dim}, max_len={self.max_len}, base={self.base}"
