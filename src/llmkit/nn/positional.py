@@ -176,6 +176,8 @@ class RotaryEmbedding(nn.Module):
             half = self.head_dim // 2
             x1, x2 = x[..., :half], x[..., half:]
             return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return _rotate(x, cos, sin)  # decoding: no autograd node to build
         rotated: Tensor = _Rotation.apply(x, cos, sin)  # type: ignore[no-untyped-call]
         return rotated
 
