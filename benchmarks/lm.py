@@ -7,7 +7,8 @@ optimiser settings (AdamW, nanoGPT's warm-up + cosine schedule, gradient clippin
 - ``step``: milliseconds per training step (forward, backward, clipping, optimiser step) of ours
   under ``lightning.Trainer.fit`` and of nanoGPT's ``GPT`` in its own loop, interleaved round by
   round; ours with rotary positions (the default) and with learned positions (nanoGPT's layout).
-- ``sample``: sampling 256 new tokens after a 16-token prompt with and without the KV cache, and
+- ``sample``: sampling 256 new tokens after a 16-token prompt with and without the KV cache, with
+  the static cache and compiled steps (``compile=True``; compiled before timing), and
   nanoGPT's ``generate`` (which has no cache).
 - ``walltime``: each trains for the same wall time (10 minutes by default), validating every
   ``--eval-interval`` steps and keeping the best validation checkpoint (nanoGPT's recipe), then
@@ -145,20 +146,28 @@ def part_sample(args: argparse.Namespace, data: PythonDocsDataModule) -> None:
     torch.manual_seed(0)
     gpt = nanogpt(args, data.vocab_size, block_size=max_len).eval()
 
-    def sample(use_cache: bool) -> Tensor:
+    def sample(use_cache: bool, compile: bool = False) -> Tensor:
         generator = torch.Generator().manual_seed(0)
-        return model.generate(prompt, new_tokens, do_sample=True, use_cache=use_cache, generator=generator)
+        return model.generate(
+            prompt, new_tokens, do_sample=True, use_cache=use_cache, compile=compile, generator=generator
+        )
 
     same = torch.equal(sample(True), sample(False))
+    same_compiled = torch.equal(sample(True, compile=True), sample(False))  # also compiles, untimed
     cached = median_ms(lambda: sample(True), runs=args.sample_runs)
     uncached = median_ms(lambda: sample(False), runs=args.sample_runs)
+    compiled = median_ms(lambda: sample(True, compile=True), runs=args.sample_runs)
     with torch.no_grad():
         peer = median_ms(lambda: gpt.generate(prompt, new_tokens), runs=args.sample_runs)
     print(f"\nSampling {new_tokens} new tokens after {prompt_length} (batch 1), median of {args.sample_runs}")
     print(f"{'decoder':<32}{'ms':>10}{'tokens/s':>10}{'speed-up':>10}")
-    for name, ms in (("llmkit, KV cache", cached), ("llmkit, no cache", uncached), ("nanoGPT generate", peer)):
+    rows = (
+        ("llmkit, KV cache", cached), ("llmkit, static cache, compiled", compiled),
+        ("llmkit, no cache", uncached), ("nanoGPT generate", peer),
+    )
+    for name, ms in rows:
         print(f"{name:<32}{ms:>10.1f}{1000 * new_tokens / ms:>10.0f}{uncached / ms:>9.2f}x")
-    print(f"same tokens with and without the cache: {same}")
+    print(f"same tokens with and without the cache: {same}; compiled: {same_compiled}")
 
 
 def part_walltime(args: argparse.Namespace, data: PythonDocsDataModule) -> None:
