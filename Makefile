@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch that lies on this machine's disk; users bring their own (pyproject has a range).
 TORCH := torch==2.13.0
 
-.PHONY: install test test-fast lint demo vae-demo bench clean
+.PHONY: install test test-fast lint docs docs-serve demo vae-demo bench clean
 
 install: $(STAMP)
 
@@ -21,8 +21,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests examples benchmarks
 	$(BIN)/mypy src
 
+# The suite includes the docs: every Python block of docs/ and the README runs, and the site is
+# built with `mkdocs build --strict` (tests/docs/).
 test: lint
 	$(BIN)/pytest -n 2 --durations=15
+
+# The documentation site, built strictly (a warning, a broken link or cross-reference fails) into site/.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	$(BIN)/mkdocs serve
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)
@@ -52,4 +61,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/composition.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) build dist site src/*.egg-info

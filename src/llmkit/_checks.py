@@ -9,7 +9,7 @@ from typing import Any
 def is_number(value: Any) -> bool:
     """Whether ``value`` is a real number: an int or float, not a bool, not NaN (infinity is one).
 
-    Example:
+    Examples:
         >>> is_number(2.0), is_number(True), is_number(float("nan")), is_number("2")
         (True, False, False, False)
     """

@@ -148,7 +148,7 @@ def unwrap_loss(output: Any) -> Tensor | None:
     Raises:
         TypeError: If ``output`` is neither a tensor nor a mapping whose ``"loss"`` is one.
 
-    Example:
+    Examples:
         >>> unwrap_loss({"loss": torch.tensor(1.0), "logits": None})
         tensor(1.)
     """

@@ -64,8 +64,7 @@ def test_half_precision_logits_are_scored_in_float32(batch, dtype):
 
 
 def test_half_precision_in_chunks(monkeypatch, batch):
-    # The function `perplexity` shadows its module's name as an attribute of the package.
-    module = importlib.import_module("llmkit.metrics.functional.perplexity")
+    module = importlib.import_module("llmkit.metrics.functional._perplexity")
     monkeypatch.setattr(module, "_UPCAST_CHUNK", 13 * 5)  # five rows a chunk
     logits, target = batch
     half = logits.bfloat16()

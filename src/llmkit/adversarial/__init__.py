@@ -29,7 +29,7 @@ The parts: :mod:`~llmkit.adversarial.settings` (:class:`AttackConfig`),
 """
 
 from llmkit._outputs import unwrap_loss
-from llmkit.adversarial.attack import AttackResult, attack, check_delta_grads, margin_loss
+from llmkit.adversarial.attacks import AttackResult, attack, check_delta_grads, margin_loss
 from llmkit.adversarial.isolation import RNGReplay, frozen_norm_statistics, quiet_logging
 from llmkit.adversarial.quantized import straight_through_quantized
 from llmkit.adversarial.settings import (

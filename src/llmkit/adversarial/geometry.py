@@ -37,7 +37,7 @@ def sample_norms(tensors: Sequence[Tensor]) -> Tensor:
     Raises:
         ValueError: If ``tensors`` is empty or the tensors disagree on their batch axis.
 
-    Example:
+    Examples:
         >>> sample_norms([torch.tensor([[3.0], [0.0]]), torch.tensor([[[4.0]], [[1.0]]])])
         tensor([5., 1.])
     """
@@ -56,7 +56,7 @@ def _expand(per_sample: Tensor, like: Tensor) -> Tensor:
 def apply_masks(tensors: Sequence[Tensor], masks: Sequence[Tensor | None]) -> list[Tensor]:
     """Each tensor times its mask (``None``: unmasked).
 
-    Example:
+    Examples:
         >>> apply_masks([torch.ones(1, 2, 1)], [torch.tensor([[[1.0], [0.0]]])])[0].flatten().tolist()
         [1.0, 0.0]
     """
@@ -74,7 +74,7 @@ def project(deltas: Sequence[Tensor], *, epsilon: float, norm: str) -> list[Tens
     Returns:
         The projected ``deltas``, shapes unchanged.
 
-    Example:
+    Examples:
         >>> project([torch.tensor([[3.0, 4.0], [0.3, 0.4]])], epsilon=1.0, norm="l2")[0]
         tensor([[0.6000, 0.8000],
                 [0.3000, 0.4000]])
@@ -113,7 +113,7 @@ def ascent_step(
     Returns:
         The new ``deltas``, detached from the gradients' graph.
 
-    Example:
+    Examples:
         >>> ascent_step([torch.zeros(1, 2)], [torch.tensor([[3.0, 4.0]])], size=0.5, epsilon=1.0, norm="l2")[0]
         tensor([[0.3000, 0.4000]])
         >>> ascent_step([torch.zeros(1, 2)], [torch.tensor([[3.0, -4.0]])], size=2.0, epsilon=1.0, norm="linf")[0]
@@ -154,7 +154,7 @@ def random_start(
     Returns:
         One tensor per ``like``.
 
-    Example:
+    Examples:
         >>> generator = torch.Generator().manual_seed(0)
         >>> start = random_start([torch.zeros(4, 3)], epsilon=0.5, norm="l2", generator=generator)
         >>> bool(sample_norms(start).max() <= 0.5)
@@ -176,7 +176,7 @@ def random_start(
 def clamp_to_range(bases: Sequence[Tensor], deltas: Sequence[Tensor], low: float, high: float) -> list[Tensor]:
     """The ``deltas`` for which ``base + delta`` stays in ``[low, high]`` (inputs' valid range).
 
-    Example:
+    Examples:
         >>> clamp_to_range([torch.tensor([0.9, 0.1])], [torch.tensor([0.5, -0.5])], 0.0, 1.0)[0]
         tensor([ 0.1000, -0.1000])
     """

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 def is_quantized_weight(weight: Any) -> bool:
     """Whether ``weight`` is a tensor subclass that dequantizes (a torchao quantized tensor).
 
-    Example:
+    Examples:
         >>> import torch
         >>> is_quantized_weight(torch.zeros(2, 2))
         False
@@ -52,7 +52,7 @@ def straight_through_quantized(model: nn.Module) -> Iterator[list[nn.Linear]]:
 
     Yields the layers concerned (none for a float model: the block then changes nothing).
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Linear(4, 2)
         >>> with straight_through_quantized(model) as layers:

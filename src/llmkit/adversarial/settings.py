@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from llmkit._checks import is_number
 
 METHODS = ("fgm", "fgsm", "pgd", "freelb")
+"""The attacks: one gradient step scaled to the ball (FGM), its sign (FGSM), ``steps`` projected steps (PGD), FreeLB."""
 OBJECTIVES = ("loss", "margin")
+"""What an attack maximises: the module's loss, or the margin of the best wrong token (wrong tokens)."""
 NORMS = ("l2", "linf")
+"""The perturbation's ball, per sample."""
 TARGETS = ("embeddings", "inputs")
+"""Where the perturbation is added: the outputs of the embedding layers, or the batch's float tensors."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class AttackConfig:
     Raises:
         ValueError: If a setting is unknown or out of range (the message names the value).
 
-    Example:
+    Examples:
         >>> config = AttackConfig("pgd", epsilon=0.5, steps=5)
         >>> config.p, config.step_size, config.starts_random
         ('l2', 0.25, False)
@@ -90,7 +94,7 @@ class AttackConfig:
 def resolve_steps(method: str, steps: int | None, default: int) -> int:
     """``steps``, or where ``None``: 1 for the one-step methods (fgm, fgsm), else ``default``.
 
-    Example:
+    Examples:
         >>> resolve_steps("fgm", None, 10), resolve_steps("pgd", None, 10), resolve_steps("pgd", 3, 10)
         (1, 10, 3)
     """

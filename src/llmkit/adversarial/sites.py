@@ -323,7 +323,7 @@ def make_perturbation(
     Raises:
         ValueError: For an unknown ``target``, a bad ``input_range``, or embeddings not found.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
         >>> sites = make_perturbation(model, "embeddings", pad_id=0)
         >>> type(sites).__name__, list(sites.modules)
@@ -349,7 +349,7 @@ def find_embeddings(model: nn.Module, names: str | Sequence[str] | None = None) 
         ValueError: If a name is not a submodule (with the closest embedding's name), or
             ``names=None`` finds no embedding.
 
-    Example:
+    Examples:
         >>> model = nn.ModuleDict({"tokens": nn.Embedding(10, 4), "positions": nn.Embedding(5, 4)})
         >>> list(find_embeddings(model)), list(find_embeddings(model, "tokens"))
         (['tokens', 'positions'], ['tokens'])

@@ -82,7 +82,7 @@ class AdversarialTraining(ComposingCallback):
             (``target="embeddings"``) or a named module is missing; at the first step, if the batch
             holds no floating-point tensor (``target="inputs"``).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as L
         >>> from lightning.pytorch.demos.boring_classes import BoringModel
         >>> trainer = L.Trainer(max_steps=2, callbacks=[AdversarialTraining("pgd", epsilon=0.1, steps=2,
@@ -322,9 +322,9 @@ class RobustnessEvaluation(L.Callback):
     batch's tensors, so ``Trainer(inference_mode=True)`` (the default) is fine.
 
     Args:
-        method, epsilon, alpha, steps, norm, random_start, target, embeddings, pad_id, inputs,
-            input_range, loss_fn, forward_module: as :func:`llmkit.adversarial.attack`
-            (default: PGD-10, l2, on the embeddings).
+        method: the attack, and ``epsilon``, ``alpha``, ``steps``, ``norm``, ``random_start``, ``target``,
+            ``embeddings``, ``pad_id``, ``inputs``, ``input_range``, ``loss_fn``, ``forward_module``
+            its settings, all as in :func:`llmkit.adversarial.attack` (default: PGD-10, l2, on the embeddings).
         objective: what the attack maximises, ``"margin"`` (wrong tokens; the default with
             ``accuracy``) or ``"loss"`` (the default without).
         accuracy: also log token accuracies; needs logits in the forward's output and targets in
@@ -335,7 +335,7 @@ class RobustnessEvaluation(L.Callback):
         limit_batches: attack at most this many validation batches per epoch (``None``: all).
         prefix: prefix of the logged names.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as L
         >>> from lightning.pytorch.demos.boring_classes import BoringModel
         >>> robust = RobustnessEvaluation(epsilon=0.1, steps=2, target="inputs", accuracy=False,

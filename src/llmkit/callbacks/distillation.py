@@ -55,7 +55,7 @@ def distillation_loss(
     Returns:
         A 0-d float32 tensor.
 
-    Example:
+    Examples:
         >>> s, t = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[1.0, 0.5, -1.0]])
         >>> round(distillation_loss(s, t, temperature=1.0).item(), 4)
         0.2149
@@ -160,7 +160,7 @@ class KnowledgeDistillation(ComposingCallback):
             first step, if teacher and student logits differ in shape.
         FileNotFoundError: If ``teacher`` is a path to no file.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as L
         >>> from lightning.pytorch.demos.boring_classes import BoringModel
         >>> teacher = BoringModel()

@@ -68,7 +68,7 @@ class GenerationEvaluation(L.Callback):
         TypeError: If a metric is not a torchmetrics ``Metric`` or a function is not callable; at setup,
             if the module has no ``generate`` and there is no ``generate_fn``.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as L
         >>> import torch
         >>> from torch.utils.data import DataLoader

@@ -268,7 +268,7 @@ class QuantizationAwareTraining(ComposingCallback):
             ``start_step < 0``; at setup, if no layer is left to quantize or the model is already
             converted.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as L
         >>> from lightning.pytorch.demos.boring_classes import BoringModel
         >>> qat = QuantizationAwareTraining(scheme="8da8w", group_size=None)

@@ -32,7 +32,7 @@ class DigitsDataModule(LightningDataModule):
     Raises:
         ValueError: If the fractions leave no training, validation or test image.
 
-    Example:
+    Examples:
         >>> data = DigitsDataModule(batch_size=32)
         >>> data.setup("fit")
         >>> x, label = next(iter(data.train_dataloader()))

@@ -35,7 +35,7 @@ def tokenize(text: str) -> list[str]:
         The tokens; :func:`detokenize` gives ``text`` back whenever it is spaced as num2words spaces
         (one space between words, none around ``-``, none before ``,``).
 
-    Example:
+    Examples:
         >>> tokenize("one thousand, two hundred and twenty-one")
         ['one', 'thousand', ',', 'two', 'hundred', 'and', 'twenty', '-', 'one']
     """
@@ -51,7 +51,7 @@ def detokenize(words: Sequence[str]) -> str:
     Returns:
         The words joined by spaces, with no space around ``-`` and none before ``,``.
 
-    Example:
+    Examples:
         >>> detokenize(["quatre", "-", "vingt", "-", "un", ",", "un"])
         'quatre-vingt-un, un'
     """
@@ -128,7 +128,7 @@ class EpochShuffleSampler(Sampler[int]):
         size: the number of examples.
         seed: the base seed.
 
-    Example:
+    Examples:
         >>> sampler = EpochShuffleSampler(size=5, seed=0)
         >>> first, second = list(sampler), list(sampler)
         >>> sampler.set_epoch(0)
@@ -196,7 +196,7 @@ class NumberWordsDataModule(LightningDataModule):
             num2words cannot write.
         TypeError: for arguments of the wrong type.
 
-    Example:
+    Examples:
         >>> dm = NumberWordsDataModule(low=20, high=99, val_size=4, test_size=4, batch_size=4)
         >>> dm.pairs("train")[0]
         ('eighty-six', 'quatre-vingt-six')
@@ -334,7 +334,7 @@ class NumberWordsDataModule(LightningDataModule):
         Raises:
             ValueError: for another ``side``, or ids the vocabulary does not have.
 
-        Example:
+        Examples:
             >>> dm = NumberWordsDataModule(low=20, high=99, val_size=4, test_size=4)
             >>> dm.decode(dm.src_vocab.encode(tokenize("twenty-one"), add_eos=True), side="src")
             'twenty-one'
@@ -355,7 +355,7 @@ class NumberWordsDataModule(LightningDataModule):
             ``{"src": LongTensor[B, S], "tgt": LongTensor[B, T], "number": LongTensor[B]}``, ``S`` and ``T``
             the longest in the batch.
 
-        Example:
+        Examples:
             >>> batch = NumberWordsDataModule.collate([(torch.tensor([5, 2]), torch.tensor([1, 6, 2]), 7),
             ...                                        (torch.tensor([2]), torch.tensor([1, 2]), 0)])
             >>> batch["src"].tolist(), batch["tgt"].tolist(), batch["number"].tolist()

@@ -213,7 +213,7 @@ class PythonDocsDataModule(LightningDataModule):
             one block.
         TypeError: for arguments of the wrong type.
 
-    Example:
+    Examples:
         >>> data = PythonDocsDataModule(block_size=64, batch_size=8)
         >>> data.vocab_size, data.topics("val")[:2]
         (2048, ['await', 'bltin-type-objects'])

@@ -26,7 +26,7 @@ class Vocab:
         TypeError: if a word is not a string.
         ValueError: if a word is empty, repeated or one of the specials.
 
-    Example:
+    Examples:
         >>> vocab = Vocab.build([["one", "two"], ["two", "three"]])
         >>> vocab.itos
         ('<pad>', '<bos>', '<eos>', '<unk>', 'one', 'three', 'two')
@@ -79,7 +79,7 @@ class Vocab:
             ValueError: if ``min_freq < 1``.
             TypeError: if a sentence is a single string rather than a sequence of words.
 
-        Example:
+        Examples:
             >>> len(Vocab.build([["a", "b", "a"]], min_freq=2))
             5
         """
@@ -132,7 +132,7 @@ class Vocab:
         Raises:
             TypeError: if ``words`` is a string (tokenize it first) or holds something other than strings.
 
-        Example:
+        Examples:
             >>> Vocab(["cat"]).encode(["cat", "dog"], add_eos=True)
             [4, 3, 2]
         """
@@ -159,7 +159,7 @@ class Vocab:
             ValueError: if ``ids`` is a tensor that is not 1-D, or an id is outside ``[0, len(self))``.
             TypeError: if ``ids`` is a floating-point tensor or holds something other than integers.
 
-        Example:
+        Examples:
             >>> vocab = Vocab(["cat"])
             >>> vocab.decode([1, 4, 3, 2, 4])
             ['cat', '<unk>']
@@ -203,7 +203,7 @@ class Vocab:
         Raises:
             ValueError: if ``"itos"`` is missing or does not start with the specials.
 
-        Example:
+        Examples:
             >>> vocab = Vocab(["cat", "dog"])
             >>> Vocab.from_state_dict(vocab.state_dict()) == vocab
             True

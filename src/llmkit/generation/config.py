@@ -53,7 +53,7 @@ class GenerationConfig:
     Raises:
         ValueError: If an option is out of range or the options contradict each other.
 
-    Example:
+    Examples:
         >>> GenerationConfig(do_sample=True, top_p=0.9, num_return_sequences=3).rows_per_source
         3
     """

@@ -129,7 +129,7 @@ class Temperature:
         TypeError: If ``temperature`` is not a real number.
         ValueError: If ``temperature`` is not finite and > 0.
 
-    Example:
+    Examples:
         >>> import torch
         >>> Temperature(0.5)(torch.tensor([[0]]), torch.tensor([[1.0, -2.0]]))
         tensor([[ 2., -4.]])
@@ -162,7 +162,7 @@ class TopK:
         TypeError: If ``top_k`` or ``min_tokens_to_keep`` is not an int.
         ValueError: If ``top_k < 1`` or ``min_tokens_to_keep < 1``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> TopK(2)(torch.tensor([[0]]), torch.tensor([[1.0, 3.0, 2.0, 0.0]]))
         tensor([[-inf, 3., 2., -inf]])
@@ -210,7 +210,7 @@ class TopP:
         TypeError: If an argument has the wrong type.
         ValueError: If ``top_p`` is outside ``(0, 1]`` or ``min_tokens_to_keep < 1``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
         >>> TopP(0.7)(torch.tensor([[0]]), logits).exp()  # 0.5 + 0.3 >= 0.7: the rest goes
@@ -270,7 +270,7 @@ class MinP:
         TypeError: If an argument has the wrong type.
         ValueError: If ``min_p`` is outside ``[0, 1]`` or ``min_tokens_to_keep < 1``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> logits = torch.tensor([[0.6, 0.3, 0.1]]).log()
         >>> MinP(0.4)(torch.tensor([[0]]), logits).exp()  # 0.1 < 0.4 * 0.6
@@ -310,7 +310,7 @@ class RepetitionPenalty:
         TypeError: If ``penalty`` is not a real number.
         ValueError: If ``penalty`` is not finite and > 0.
 
-    Example:
+    Examples:
         >>> import torch
         >>> RepetitionPenalty(2.0)(torch.tensor([[0, 1, 1]]), torch.tensor([[4.0, -4.0, 4.0]]))
         tensor([[ 2., -8.,  4.]])
@@ -346,7 +346,7 @@ class NoRepeatNGram:
         TypeError: If ``ngram_size`` is not an int.
         ValueError: If ``ngram_size < 1``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> NoRepeatNGram(2)(torch.tensor([[0, 1, 2, 1]]), torch.zeros(1, 4))  # "1 2" was seen
         tensor([[0., 0., -inf, 0.]])
@@ -388,7 +388,7 @@ class BadWords:
         ValueError: If it is empty, holds an empty sequence, a negative id or an id ``>= vocab_size``;
             at call time, if it holds an id ``>= V``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ban = BadWords([[3], [1, 2]])
         >>> ban(torch.tensor([[0, 1], [0, 2]]), torch.zeros(2, 4))  # "1 2" is banned after 1 only
@@ -483,7 +483,7 @@ def apply_processors(processors: Iterable[LogitsProcessor], tokens: Tensor, logi
     Returns:
         ``[N, V]`` the processed scores (``logits`` itself when the list is empty).
 
-    Example:
+    Examples:
         >>> import torch
         >>> apply_processors([Temperature(2.0), TopK(1)], torch.tensor([[0]]), torch.tensor([[2.0, 4.0]]))
         tensor([[-inf, 2.]])
@@ -531,7 +531,7 @@ def build_processors(
         TypeError: If an argument has the wrong type or a user processor is not callable.
         ValueError: If an argument is out of range.
 
-    Example:
+    Examples:
         >>> processors = build_processors(do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
         >>> processors  # doctest: +ELLIPSIS
         [RepetitionPenalty(penalty=1.2), Temperature(temperature=0.7), TopP(top_p=0.9, ...)]

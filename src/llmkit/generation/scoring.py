@@ -124,7 +124,7 @@ class GenerationScorer:
             without ``decode_fn``, a metric cannot take token ids or (with ``ignore_ids``) has no
             ``ignore_index``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from llmkit.metrics import BLEUScore

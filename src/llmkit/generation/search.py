@@ -28,8 +28,8 @@ from torch import Tensor
 
 StepFn = Callable[[Tensor], Tensor]
 ReorderFn = Callable[[Tensor], None]
-#: ``processor(tokens [N, t], scores [N, V]) -> scores [N, V]``, HF's argument order.
 Processor = Callable[[Tensor, Tensor], Tensor]
+"""A logits processor: ``processor(tokens [N, t], scores [N, V]) -> scores [N, V]``, Hugging Face's argument order."""
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def greedy_search(
     Raises:
         ValueError: If the lengths are out of range or the prefix does not fit.
 
-    Example:
+    Examples:
         >>> import torch
         >>> table = torch.log_softmax(torch.eye(4) * 5, dim=-1).roll(1, dims=1)  # token i -> i + 1
         >>> greedy_search(lambda tokens: table[tokens[:, -1]], batch_size=1, bos_id=0, eos_id=3,
@@ -313,7 +313,7 @@ def sample(
     Raises:
         ValueError: If the lengths are out of range or the prefix does not fit.
 
-    Example:
+    Examples:
         >>> import torch
         >>> logits = torch.tensor([[0.0, 0.0, 0.0, 0.0]])  # uniform, but EOS (3) is the only finite token
         >>> sample(lambda tokens: logits.index_fill(1, torch.tensor([0, 1, 2]), -float("inf")),
@@ -455,7 +455,7 @@ def beam_search(
     Raises:
         ValueError: If a count or length is out of range or the prefix does not fit.
 
-    Example:
+    Examples:
         >>> import torch
         >>> table = torch.log_softmax(torch.eye(4) * 5, dim=-1).roll(1, dims=1)  # token i -> i + 1
         >>> beam_search(lambda tokens: table[tokens[:, -1]], reorder=lambda index: None, batch_size=1,

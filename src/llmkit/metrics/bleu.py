@@ -51,7 +51,7 @@ class BLEUScore(SentenceStatsMetric):
         ValueError: If an argument is out of its range (``update`` raises on bad input as
             :func:`llmkit.metrics.functional.bleu_score` does).
 
-    Example:
+    Examples:
         >>> metric = BLEUScore()
         >>> metric.update(["the cat is on the mat"], [["there is a cat on the mat", "a cat is on the mat"]])
         >>> round(metric.compute().item(), 4)

@@ -49,7 +49,7 @@ class CHRFScore(SentenceStatsMetric):
         ValueError: If an argument is out of its range (``update`` raises on bad input as
             :func:`llmkit.metrics.functional.chrf_score` does).
 
-    Example:
+    Examples:
         >>> metric = CHRFScore(word_order=2)
         >>> metric.update(["the cat is on the mat"], [["there is a cat on the mat", "a cat is on the mat"]])
         >>> round(metric.compute().item(), 4)

@@ -10,7 +10,7 @@ from torch import Tensor
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
 from llmkit.metrics._state import Float64Sums, add_update_config_state
-from llmkit.metrics.functional.perplexity import _perplexity_compute, _perplexity_update
+from llmkit.metrics.functional._perplexity import _perplexity_compute, _perplexity_update
 
 
 class Perplexity(Float64Sums):
@@ -26,7 +26,7 @@ class Perplexity(Float64Sums):
 
     ``update(preds, target)``: ``preds: FloatTensor[B, T, V]`` logits, ``target: LongTensor[B, T]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> metric = Perplexity(ignore_index=-100)
         >>> metric.update(torch.zeros(1, 3, 4), torch.tensor([[1, 2, -100]]))

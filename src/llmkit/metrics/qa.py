@@ -46,7 +46,7 @@ class QAScore(Float64Sums):
             :func:`llmkit.metrics.functional.qa_score` does).
         TypeError: If ``ignore_index`` is not an int or None.
 
-    Example:
+    Examples:
         >>> metric = QAScore()
         >>> metric.update(["The Eiffel Tower!"], [["Eiffel Tower", "the tower"]])
         >>> metric.update(["in 1889"], [["1889", "March 1889"]])

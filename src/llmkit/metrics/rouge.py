@@ -37,7 +37,7 @@ class ROUGEScore(Float64Sums):
     Raises:
         ValueError: If a key or ``accumulate`` is unknown.
 
-    Example:
+    Examples:
         >>> metric = ROUGEScore(rouge_keys=("rouge1", "rougeL"))
         >>> metric.update(["the cat sat on the mat"], [["the cat lay on the mat", "a dog sat"]])
         >>> round(metric.compute()["rouge1_fmeasure"].item(), 4)

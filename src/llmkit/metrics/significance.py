@@ -179,7 +179,7 @@ def confidence_interval(
         ValueError: If it was built without ``keep_sentence_stats=True``, holds no sentence, or an
             argument is out of range.
 
-    Example:
+    Examples:
         >>> from llmkit.metrics import BLEUScore
         >>> bleu = BLEUScore(keep_sentence_stats=True)
         >>> bleu.update(["the cat sat on the mat", "a dog ran"], [["the cat sat on a mat"], ["a dog ran off"]])
@@ -224,7 +224,7 @@ def paired_bootstrap(
         ValueError: If ``baseline`` is not among them, the systems differ in metric, configuration
             or number of sentences, or ``num_resamples < 1``.
 
-    Example:
+    Examples:
         >>> from llmkit.metrics import BLEUScore
         >>> refs = [["the cat sat on the mat"], ["a dog ran off"], ["it is raining"]]
         >>> systems = {name: BLEUScore(keep_sentence_stats=True) for name in ("base", "new")}
@@ -288,7 +288,7 @@ def paired_approximate_randomization(
         ValueError: If ``baseline`` is not among them, the systems differ in metric, configuration
             or number of sentences, or a count is out of range.
 
-    Example:
+    Examples:
         >>> from llmkit.metrics import BLEUScore
         >>> refs = [["the cat sat on the mat"], ["a dog ran off"], ["it is raining"]]
         >>> systems = {name: BLEUScore(keep_sentence_stats=True) for name in ("base", "new")}

@@ -40,7 +40,7 @@ class TERScore(Float64Sums, SentenceStatsMetric):
         TypeError: If an option is not a bool (``update`` raises on bad input as
             :func:`llmkit.metrics.functional.ter_score` does).
 
-    Example:
+    Examples:
         >>> metric = TERScore()
         >>> metric.update(["the cat sat on the mat"], [["the cat is on the mat", "a cat sat on a mat"]])
         >>> metric.update(["on the mat the cat sat"], ["the cat sat on the mat"])

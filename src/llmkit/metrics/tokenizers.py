@@ -60,7 +60,7 @@ def tokenize_bleu(lines: Sequence[str], tokenize: str, lowercase: bool = False) 
     Raises:
         ValueError: If ``tokenize`` is not one of the names above.
 
-    Example:
+    Examples:
         >>> tokenize_bleu(["Hello, world.", "It costs 1,000.50 $."], "13a")
         [['Hello', ',', 'world', '.'], ['It', 'costs', '1,000.50', '$', '.']]
     """
@@ -214,7 +214,7 @@ def tokenize_rouge(text: str, stemmer: Callable[[str], str] | None = None) -> li
     Returns:
         The tokens.
 
-    Example:
+    Examples:
         >>> tokenize_rouge("Der 28-jährige Koch!")
         ['der', '28', 'j', 'hrige', 'koch']
     """
@@ -259,7 +259,7 @@ def _porter_stemmer() -> Callable[[str], str]:
 def porter_stem(word: str) -> str:
     """Return nltk's Porter stem of ``word`` (the stemmer rouge-score uses), memoised.
 
-    Example:
+    Examples:
         >>> porter_stem("running")
         'run'
     """

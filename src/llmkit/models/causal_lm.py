@@ -34,7 +34,7 @@ def warmup_cosine_schedule(step: int, warmup_steps: int, decay_steps: int | None
     to ``decay_steps`` the factor falls along half a cosine from 1 to ``min_lr_ratio``, and stays
     there. ``decay_steps=None`` keeps 1 after warm-up.
 
-    Example:
+    Examples:
         >>> warmup_cosine_schedule(0, 9, 100, 0.1), warmup_cosine_schedule(100, 9, 100, 0.1)
         (0.1, 0.1)
     """
@@ -117,7 +117,7 @@ class CausalLMTransformer(L.LightningModule):
     Raises:
         ValueError: If an argument is out of range or unknown (``positional``, ``activation``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = CausalLMTransformer(50, d_model=16, num_heads=2, num_layers=1, dim_feedforward=32, max_len=32)
         >>> ids = torch.randint(0, 50, (2, 10))

@@ -114,7 +114,7 @@ class Seq2SeqTransformer(L.LightningModule):
     Raises:
         ValueError: If an argument is out of range (e.g. ``d_model`` not divisible by ``num_heads``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = Seq2SeqTransformer(11, 13, d_model=16, num_heads=2, num_encoder_layers=1,
         ...                            num_decoder_layers=1, dim_feedforward=32, max_len=20)

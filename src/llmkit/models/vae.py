@@ -29,7 +29,7 @@ _LOG_2PI = math.log(2 * math.pi)
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     """``KL(N(mu, exp(logvar)) || N(0, 1))`` per latent dimension, in nats: same shape as ``mu``.
 
-    Example:
+    Examples:
         >>> gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3))
         tensor([[0., 0., 0.],
                 [0., 0., 0.]])
@@ -131,7 +131,7 @@ class VAE(L.LightningModule):
             ``likelihood``, ...); later, at ``forward``, ``encode``, a step or an inference method,
             if a batch has the wrong shape or NaN, inf or out-of-range values (:meth:`check_input`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> vae = VAE(input_shape=(64,), latent_dim=4, hidden_dims=(32,))
         >>> x = torch.rand(5, 64)

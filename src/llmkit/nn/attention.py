@@ -103,7 +103,7 @@ class StaticKVCache:
     Raises:
         ValueError: If ``max_len``, ``batch_size``, ``num_heads`` or ``head_dim`` is below 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> cache = StaticKVCache(max_len=4, batch_size=1, num_heads=1, head_dim=2)
         >>> keys, values = cache.append(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
@@ -199,7 +199,7 @@ class MultiHeadAttention(nn.Module):
     Raises:
         ValueError: If ``embed_dim`` is not divisible by ``num_heads``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> attention = MultiHeadAttention(embed_dim=8, num_heads=2)
         >>> attention(torch.randn(3, 5, 8), is_causal=True).shape

@@ -77,7 +77,7 @@ def label_smoothed_cross_entropy(
         ValueError: If the shapes do not match ``[N, V]`` and ``[N]`` or ``label_smoothing`` is outside [0, 1).
         TypeError: If ``logits`` is not floating point or ``target`` not integer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> logits, target = torch.randn(6, 10), torch.tensor([1, 2, 0, 9, -100, 4])

@@ -20,7 +20,7 @@ class SinusoidalPositionalEncoding(nn.Module):
         d_model: model width.
         max_len: the most positions encoded.
 
-    Example:
+    Examples:
         >>> import torch
         >>> encoding = SinusoidalPositionalEncoding(d_model=4, max_len=10)
         >>> encoding(torch.zeros(1, 2, 4))[0, 1]  # position 1: sin(1), cos(1), sin(0.01), cos(0.01)
@@ -50,7 +50,7 @@ class SinusoidalPositionalEncoding(nn.Module):
         Raises:
             ValueError: If a tensor ``offset`` is not a 0-dim integer tensor.
 
-        Example:
+        Examples:
             >>> import torch
             >>> encoding = SinusoidalPositionalEncoding(d_model=4, max_len=10)
             >>> x = torch.zeros(1, 2, 4)
@@ -125,7 +125,7 @@ class RotaryEmbedding(nn.Module):
     Raises:
         ValueError: If ``head_dim`` is odd or below 2, ``max_len`` below 1, or ``base`` not above 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> rotary = RotaryEmbedding(head_dim=4, max_len=8)
         >>> q = torch.randn(1, 2, 3, 4)  # [B, H, T, Dh]

@@ -173,7 +173,7 @@ class Encoder(nn.Module):
     Args:
         num_layers: how many layers; the other arguments are each layer's (:class:`EncoderLayer`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> encoder = Encoder(num_layers=2, d_model=8, num_heads=2, dim_feedforward=16, dropout=0.0)
         >>> encoder(torch.randn(3, 5, 8)).shape
@@ -265,7 +265,7 @@ class Decoder(nn.Module):
     Args:
         num_layers: how many layers; the other arguments are each layer's (:class:`DecoderLayer`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> decoder = Decoder(num_layers=2, d_model=8, num_heads=2, dim_feedforward=16, dropout=0.0)
         >>> decoder(torch.randn(3, 4, 8), memory=torch.randn(3, 6, 8)).shape
@@ -317,7 +317,7 @@ class Decoder(nn.Module):
         Raises:
             ValueError: If ``max_len`` is below 1 with ``static=True``.
 
-        Example:
+        Examples:
             >>> import torch
             >>> decoder = Decoder(num_layers=1, d_model=8, num_heads=2, dim_feedforward=16, dropout=0.0)
             >>> state = decoder.init_state(torch.randn(3, 6, 8), None, max_len=5, static=True)
@@ -415,7 +415,7 @@ class CausalDecoder(nn.Module):
         rotary: rotary position embeddings applied to every layer's queries and keys (``None``:
             positions are the caller's, e.g. added to the token embeddings).
 
-    Example:
+    Examples:
         >>> import torch
         >>> rotary = RotaryEmbedding(head_dim=4, max_len=16)
         >>> decoder = CausalDecoder(num_layers=2, d_model=8, num_heads=2, dim_feedforward=16, dropout=0.0,

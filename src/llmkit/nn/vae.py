@@ -29,7 +29,7 @@ class MLPEncoder(nn.Module):
         hidden_dims: widths of the hidden layers.
         latent_dim: ``L``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> mu, logvar = MLPEncoder(input_shape=(64,), hidden_dims=(32,), latent_dim=4)(torch.rand(5, 64))
         >>> mu.shape, logvar.shape
@@ -57,7 +57,7 @@ class MLPDecoder(nn.Module):
         hidden_dims: widths of the hidden layers, from ``z`` outwards.
         output_shape: shape of one example.
 
-    Example:
+    Examples:
         >>> import torch
         >>> MLPDecoder(latent_dim=4, hidden_dims=(32,), output_shape=(1, 8, 8))(torch.randn(5, 4)).shape
         torch.Size([5, 1, 8, 8])
@@ -89,7 +89,7 @@ class ConvEncoder(nn.Module):
         channels: output channels of each convolution.
         latent_dim: ``L``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> mu, _ = ConvEncoder(input_shape=(1, 8, 8), channels=(8, 16), latent_dim=4)(torch.rand(5, 1, 8, 8))
         >>> mu.shape
@@ -122,7 +122,7 @@ class ConvDecoder(nn.Module):
         channels: the encoder's channels, in the encoder's order.
         output_shape: ``(C, H, W)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ConvDecoder(latent_dim=4, channels=(8, 16), output_shape=(1, 8, 8))(torch.randn(5, 4)).shape
         torch.Size([5, 1, 8, 8])

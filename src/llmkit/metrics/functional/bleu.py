@@ -213,7 +213,7 @@ def bleu_score(
             reference, or token-id shapes do not fit.
         TypeError: If the inputs are neither text nor integer tensors, or mix the two.
 
-    Example:
+    Examples:
         >>> preds = ["the cat is on the mat"]
         >>> target = [["there is a cat on the mat", "a cat is on the mat"]]
         >>> round(bleu_score(preds, target).item(), 4)

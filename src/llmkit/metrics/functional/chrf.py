@@ -486,7 +486,7 @@ def chrf_score(
         ValueError: If an argument is out of its range, the corpus sizes differ, a sample has no
             reference, or token-id shapes do not fit.
 
-    Example:
+    Examples:
         >>> preds = ["the cat is on the mat"]
         >>> target = [["there is a cat on the mat", "a cat is on the mat"]]
         >>> round(chrf_score(preds, target).item(), 4)

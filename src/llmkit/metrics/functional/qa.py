@@ -396,7 +396,7 @@ def qa_score(
             shapes do not fit, or (``"v1.1"``) a question has no gold answer or an empty one.
         TypeError: If the inputs are neither text nor integer tensors, or mix the two.
 
-    Example:
+    Examples:
         >>> preds = ["The Eiffel Tower!", "in 1889"]
         >>> target = [["Eiffel Tower", "the tower"], ["1889", "March 1889"]]
         >>> {key: round(value.item(), 4) for key, value in qa_score(preds, target).items()}

@@ -286,7 +286,7 @@ def rouge_score(
             no reference, or token-id shapes do not fit.
         TypeError: If the inputs are neither text nor integer tensors, or mix the two.
 
-    Example:
+    Examples:
         >>> preds, target = ["the cat sat on the mat"], ["the cat lay on the mat"]
         >>> scores = rouge_score(preds, target, rouge_keys=("rouge1", "rougeL"))
         >>> {key: round(value.item(), 4) for key, value in scores.items()}  # doctest: +NORMALIZE_WHITESPACE

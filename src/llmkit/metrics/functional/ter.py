@@ -101,7 +101,7 @@ def ter_score(
         ValueError: If ``preds`` and ``target`` hold different numbers of samples, or a sample
             has no reference.
 
-    Example:
+    Examples:
         >>> round(ter_score(["the cat sat on the mat"], [["the cat is on the mat", "a cat sat on a mat"]]).item(), 4)
         0.1667
         >>> round(ter_score(["on the mat the cat sat"], ["the cat sat on the mat"]).item(), 4)

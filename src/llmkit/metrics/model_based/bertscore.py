@@ -293,7 +293,7 @@ class BERTScore(ModelMetric):
             missing or has no row for the layer.
         ImportError: If ``model`` is a path and ``transformers`` is not installed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> def tokenizer(texts, **kwargs):  # one id per word
         ...     vocab = {"the": 1, "cat": 2, "sat": 3, "a": 4, "dog": 5}

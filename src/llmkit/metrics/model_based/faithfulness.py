@@ -39,7 +39,7 @@ def split_sentences(text: str) -> list[str]:
     A plain deterministic rule (no model, no data to download): ``"Dr. Smith"`` is cut too. The
     pieces are stripped; a text without any non-space character is one empty sentence.
 
-    Example:
+    Examples:
         >>> split_sentences("Paris is in France. It is big!  Is it old?")
         ['Paris is in France.', 'It is big!', 'Is it old?']
     """
@@ -95,7 +95,7 @@ class Faithfulness(ModelMetric):
             the model has no entailment label, or an argument is out of its range.
         ImportError: If ``model`` is a path and ``transformers`` is not installed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> def tokenizer(premises, text_pair, **kwargs):  # ids: 1 for a word of the premise, 2 otherwise
         ...     ids = [[1 if word in premise.split() else 2 for word in hypothesis.split()]

@@ -101,7 +101,7 @@ class AnswerRelevance(ModelMetric):
             has no classifier head or more than one label.
         ImportError: If ``model`` is a path and ``transformers`` is not installed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> def tokenizer(texts, **kwargs):  # one id per word
         ...     vocab = {"where": 1, "is": 2, "paris": 3, "in": 4, "france": 5, "cats": 6, "purr": 7}

@@ -108,7 +108,7 @@ class Toxicity(ModelMetric):
             out of range.
         ImportError: If ``model`` is a path and ``transformers`` is not installed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> def tokenizer(texts, **kwargs):  # one id per word: 1 for "stupid", 2 for any other
         ...     ids = [[1 if word == "stupid" else 2 for word in text.split()] for text in texts]

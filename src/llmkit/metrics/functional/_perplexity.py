@@ -85,7 +85,7 @@ def perplexity(preds: Tensor, target: Tensor, ignore_index: int | None = None) -
         TypeError: If ``preds`` is not floating point or ``target`` not integer.
         ValueError: If the shapes do not fit.
 
-    Example:
+    Examples:
         >>> import torch
         >>> logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])
         >>> perplexity(logits, torch.tensor([[0, 1]]))

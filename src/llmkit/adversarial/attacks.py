@@ -181,7 +181,7 @@ def attack(
             batch axis (the message names the modules).
         RuntimeError: If the loss does not depend on the perturbation.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Linear(24, 2))
@@ -261,7 +261,7 @@ def margin_loss(logits: Tensor, target: Tensor, ignore_index: int | None = None)
     Returns:
         A 0-d tensor, ``<= 0``; ``0`` when every counted token is wrong.
 
-    Example:
+    Examples:
         >>> margin_loss(torch.tensor([[3.0, 1.0], [0.0, 2.0]]), torch.tensor([0, 0]))
         tensor(-1.)
     """
@@ -287,7 +287,7 @@ def check_delta_grads(grads: list[Tensor | None]) -> list[Tensor | None]:
     Raises:
         RuntimeError: If every gradient is ``None``, with the plausible causes.
 
-    Example:
+    Examples:
         >>> len(check_delta_grads([None, torch.zeros(2, 3)]))
         2
     """

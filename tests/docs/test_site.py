@@ -1,0 +1,80 @@
+"""The site builds with ``mkdocs build --strict`` (no warning, no broken link or reference), and its API
+reference documents every public name: those of DESIGN.md and every public module's ``__all__``."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.docs.blocks import ROOT, python_blocks
+
+pytest.importorskip("mkdocs", reason="the docs extra (mkdocs-material, mkdocstrings[python]) is not installed")
+
+DESIGN = ROOT / ".." / "shared" / "DESIGN.md"
+# Each public module and the API page that documents it.
+MODULES = {
+    "llmkit": "llmkit",
+    "llmkit.nn": "nn",
+    "llmkit.generation": "generation",
+    "llmkit.callbacks": "callbacks",
+    "llmkit.adversarial": "adversarial",
+    "llmkit.metrics": "metrics",
+    "llmkit.metrics.functional": "metrics-functional",
+    "llmkit.metrics.significance": "significance",
+    "llmkit.data": "data",
+}
+_ID = re.compile(r'\sid="([^"]+)"')
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"mkdocs build --strict failed:\n{result.stderr[-8000:]}", pytrace=False)
+    return out
+
+
+def _anchors(site: Path, page: str) -> set[str]:
+    return set(_ID.findall((site / "api" / page / "index.html").read_text(encoding="utf-8")))
+
+
+def design_names() -> list[tuple[str, str]]:
+    """``(module, name)`` for every ``from llmkit... import name`` in DESIGN.md's Python blocks."""
+    names = []
+    for block in python_blocks(DESIGN):
+        for node in ast.walk(ast.parse(block.code)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "llmkit":
+                names += [(node.module, alias.name) for alias in node.names]
+    return names
+
+
+def test_site_builds_strictly(site: Path) -> None:
+    assert (site / "index.html").is_file()
+    assert (site / "changelog" / "index.html").read_text(encoding="utf-8").count("Unreleased") >= 1
+
+
+def test_design_names_are_documented(site: Path) -> None:
+    if not DESIGN.is_file():
+        pytest.skip(f"{DESIGN} is absent (it lives beside the repository in CI)")
+    names = design_names()
+    assert len(names) > 30, "DESIGN.md's import lines were not found"
+    missing = [f"{module}.{name}" for module, name in names if f"{module}.{name}" not in _anchors(site, MODULES[module])]
+    assert not missing, f"public names of DESIGN.md missing from the API reference: {missing}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_all_is_documented(site: Path, module: str) -> None:
+    public = [name for name in importlib.import_module(module).__all__ if not name.startswith("_")]
+    anchors = _anchors(site, MODULES[module])
+    missing = [name for name in public if f"{module}.{name}" not in anchors]
+    assert not missing, f"names in {module}.__all__ missing from docs/api/{MODULES[module]}.md: {missing}"
