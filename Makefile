@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch that lies on this machine's disk; users bring their own (pyproject has a range).
 TORCH := torch==2.13.0
+# mkdocs-material prints a banner about its successor on every build; the builds here need no advert.
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: install test test-fast lint docs docs-serve demo vae-demo bench clean
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("site")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     if result.returncode != 0:
         pytest.fail(f"mkdocs build --strict failed:\n{result.stderr[-8000:]}", pytrace=False)
@@ -78,3 +79,13 @@ def test_all_is_documented(site: Path, module: str) -> None:
     anchors = _anchors(site, MODULES[module])
     missing = [name for name in public if f"{module}.{name}" not in anchors]
     assert not missing, f"names in {module}.__all__ missing from docs/api/{MODULES[module]}.md: {missing}"
+
+
+def test_readme_links_resolve() -> None:
+    # The README is read on the forge, outside the site: its relative links must name files that exist.
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [target for target in targets if "://" not in target]
+    assert local, "the README links no guide"
+    missing = [target for target in local if not (ROOT / target).exists()]
+    assert not missing, f"README links to missing files: {missing}"
