@@ -174,10 +174,8 @@ def _intl_rules() -> list[tuple[Any, str]]:
     """Compile sacrebleu's ``intl`` rules; they need the ``regex`` module's Unicode classes."""
     try:
         import regex
-    except ModuleNotFoundError as err:  # pragma: no cover - regex ships with the `text` extra
-        raise ModuleNotFoundError(
-            "tokenize='intl' needs the `regex` package: pip install 'llmkit[text]'"
-        ) from err
+    except ModuleNotFoundError as err:  # pragma: no cover - regex is a runtime dependency
+        raise ModuleNotFoundError("tokenize='intl' needs the `regex` package: pip install regex") from err
     return [
         (regex.compile(r"(\P{N})(\p{P})"), r"\1 \2 "),
         (regex.compile(r"(\p{P})(\P{N})"), r" \1 \2"),
