@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch import Trainer
 
 from tests.docs.blocks import ROOT, Block, blocks, capped, pages, python_blocks
@@ -34,8 +35,15 @@ def test_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setattr(Trainer, "__init__", capped(Trainer.__init__))
     namespace: dict[str, object] = {"__name__": "__docs__"}
-    for block in python_blocks(page):
-        _run(block, namespace)
+    # The pages' models are tiny: one thread is fastest, and two would fight over the CPUs beside
+    # another test process.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for block in python_blocks(page):
+            _run(block, namespace)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_collector_finds_blocks(tmp_path: Path) -> None:
