@@ -61,12 +61,10 @@ def pages() -> list[Path]:
 # (max_steps=1500) and still run in the suite. `val_check_interval` (an int beyond the cut
 # epoch is refused by Lightning) and `max_time` are dropped.
 MAX_STEPS = 3
+# Batch limits: a page's own smaller limit (0 turns a loop off) is kept.
+LIMITS = {"limit_train_batches": MAX_STEPS, "limit_val_batches": 2, "limit_test_batches": 2, "limit_predict_batches": 2}
 CAPS: dict[str, Any] = {
     "max_epochs": 1,
-    "limit_train_batches": MAX_STEPS,
-    "limit_val_batches": 2,
-    "limit_test_batches": 2,
-    "limit_predict_batches": 2,
     "num_sanity_val_steps": 0,
     "enable_progress_bar": False,
     "enable_model_summary": False,
@@ -84,6 +82,9 @@ def capped(init: Any) -> Any:
         kwargs["max_steps"] = MAX_STEPS if max_steps in (None, -1) else min(max_steps, MAX_STEPS)
         for name in DROPPED:
             kwargs.pop(name, None)
+        for name, cap in LIMITS.items():
+            given = kwargs.get(name)
+            kwargs[name] = min(given, cap) if isinstance(given, int) or given == 0 else cap
         kwargs.update(CAPS)
         init(self, *args, **kwargs)
 

@@ -71,3 +71,7 @@ def test_trainer_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert trainer.max_steps == 3
     assert trainer.max_epochs == 1
     assert Trainer(max_steps=2, default_root_dir=tmp_path, logger=False).max_steps == 2
+    # A page's own smaller limits are kept: 0 turns validation off, 1 batch stays 1.
+    quiet = Trainer(limit_val_batches=0, limit_train_batches=1, default_root_dir=tmp_path, logger=False)
+    assert (quiet.limit_val_batches, quiet.limit_train_batches, quiet.limit_test_batches) == (0, 1, 2)
+    assert Trainer(limit_val_batches=0.5, default_root_dir=tmp_path, logger=False).limit_val_batches == 2
