@@ -8,7 +8,8 @@ test set: clean BLEU, teacher-forced token accuracy, and token accuracy under a 
 the embeddings at a fixed epsilon, measured in ``Trainer.validate`` by the ``RobustnessEvaluation``
 callback (which attacks despite Lightning's ``inference_mode``; its margin objective makes tokens
 wrong rather than piling loss on a few). The table also gives every method's training step time,
-from short runs in this process.
+from short runs in this process. The table, the data settings and the checkpoints' paths (relative
+to it) are saved as ``results.json`` under ``--output`` (docs/make_figures.py reads it).
 
 Epsilon is an l2 radius per sentence pair, over all its source and target token embeddings (each
 token's embedding has a norm of about 1 here).
@@ -21,6 +22,8 @@ token's embedding has a norm of about 1 here).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
 import warnings
@@ -117,6 +120,24 @@ def step_ms(data: NumberWordsDataModule, args: argparse.Namespace, callbacks: li
     return 1000 * statistics.median(timer.times[3:])
 
 
+def save_results(
+    args: argparse.Namespace, checkpoints: dict[str, Path], scores: dict[str, tuple[float, float, float]],
+    times: dict[str, float],
+) -> None:
+    """``results.json`` under ``args.output``: the settings, the checkpoints (paths relative to it) and the table."""
+    args.output.mkdir(parents=True, exist_ok=True)
+    results = {
+        "data": {"high": args.high, "val_size": args.val_size, "test_size": args.test_size, "seed": args.seed},
+        "epsilon": args.epsilon, "norm": "l2", "attack_steps": args.attack_steps, "train_steps": args.steps,
+        "checkpoints": {name: os.path.relpath(Path(path).resolve(), args.output.resolve())
+                        for name, path in checkpoints.items()},
+        "scores": {name: {"test_bleu": bleu, "clean_acc": clean, "robust_acc": robust}
+                   for name, (bleu, clean, robust) in scores.items()},
+        "step_ms": times,
+    }
+    (args.output / "results.json").write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     args = parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -154,6 +175,7 @@ def main() -> None:
         else:
             cells = f"{'-':>9} | {'-':>9} | {'-':>16}"
         print(f"| {label:<12} | {cells} | {ms:7.1f} | {ms / times['plain']:6.2f}x |")
+    save_results(args, checkpoints, scores, times)
     plain = scores["plain"]
     print()
     for method in args.methods:

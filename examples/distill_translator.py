@@ -6,8 +6,10 @@ attached to the Trainer (the student's code is the same): soft targets from the 
 logits and, as hints (FitNets), the teacher's encoder and decoder outputs through learned
 projections. The table compares parameters, test BLEU, ROUGE-L, perplexity and training step
 time; a few of the distilled student's translations follow, beside their references. The
-checkpoints are saved under ``--output``. No label smoothing here, so that test perplexity
-measures the fit.
+checkpoints are saved under ``--output``, each with its training curves (``<name>_curves.json``:
+the training loss at every step and BLEU on the first two validation batches every
+``--curve-every`` steps, for docs/make_figures.py). No label smoothing here, so that test
+perplexity measures the fit.
 
     python examples/distill_translator.py                          # the full run (minutes on 2 cores)
     python examples/distill_translator.py --teacher outputs/distill_translator/teacher.ckpt
@@ -17,6 +19,8 @@ measures the fit.
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import statistics
 import time
 import warnings
@@ -24,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from llmkit import Seq2SeqTransformer
 from llmkit.callbacks import KnowledgeDistillation
 from llmkit.data import NumberWordsDataModule
+from llmkit.generation import GenerationScorer
+from llmkit.metrics import BLEUScore
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--val-size", type=int, default=500)
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--curve-every", type=int, default=25,
+                        help="steps between the validation BLEU points of the saved training curves")
     parser.add_argument("--output", type=Path, default=Path("outputs/distill_translator"))
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -73,6 +82,57 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class Curves(L.Callback):
+    """The training loss at every step, and BLEU on a few validation batches every ``every`` steps.
+
+    The validation batches are decoded greedily at the start and every ``every`` steps, with the
+    random number generator's state restored after and every module put back in its mode, so the
+    training (its dropout masks included) is exactly what it is without this callback.
+    """
+
+    def __init__(self, data: NumberWordsDataModule, every: int, batches: int = 2) -> None:
+        with torch.random.fork_rng(devices=[]):  # a DataLoader's iterator draws a seed
+            self.batches = list(itertools.islice(data.val_dataloader(), batches))
+        self.every = every
+        self.scorer = GenerationScorer({"bleu": BLEUScore(ignore_index=data.pad_id)},
+                                       ignore_ids=(data.pad_id, data.eos_id))
+        self.train_loss: list[tuple[int, float]] = []
+        self.val_bleu: list[tuple[int, float]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Score the initial model."""
+        self.val_bleu.append((trainer.global_step, self._bleu(pl_module)))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Record the module's own ``train_loss`` (without distillation's term); score every ``every`` steps."""
+        step = trainer.global_step
+        if "train_loss" in trainer.callback_metrics:
+            self.train_loss.append((step, float(trainer.callback_metrics["train_loss"])))
+        if step % self.every == 0 or step == trainer.max_steps:
+            self.val_bleu.append((step, self._bleu(pl_module)))
+
+    def _bleu(self, model: L.LightningModule) -> float:
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for batch in self.batches:
+                    self.scorer.update(model, batch)
+                return float(self.scorer.compute()["bleu"])
+        finally:
+            self.scorer.reset()
+            for module, training in modes:
+                module.train(training)
+
+    def save(self, path: Path, name: str, params: int) -> None:
+        """Write ``{"model", "params", "train_loss": [[step, loss]...], "val_bleu": [[step, bleu]...]}`` (and more)."""
+        sentences = sum(len(batch["src"]) for batch in self.batches)
+        path.write_text(json.dumps({"model": name, "params": params, "train_loss": self.train_loss,
+                                    "val_bleu": self.val_bleu, "val_sentences": sentences}))
+
+
 def translator(
     data: NumberWordsDataModule, d_model: int, layers: int, steps: int, label_smoothing: float = 0.1
 ) -> Seq2SeqTransformer:
@@ -86,17 +146,23 @@ def translator(
 
 def fit(
     model: Seq2SeqTransformer, data: NumberWordsDataModule, steps: int, output: Path, name: str,
-    callbacks: list[L.Callback],
+    callbacks: list[L.Callback], curve_every: int,
 ) -> tuple[Seq2SeqTransformer, dict[str, float], float]:
-    """Train for ``steps``, keep the best validation loss, test it; returns model, scores, step ms."""
+    """Train for ``steps``, keep the best validation loss, test it; returns model, scores, step ms.
+
+    The training curves go to ``output / f"{name}_curves.json"``.
+    """
     checkpoint = ModelCheckpoint(dirpath=output, filename=name, monitor="val_loss", enable_version_counter=False)
     timer = StepTimer()
+    params = sum(p.numel() for p in model.parameters())
+    curves = Curves(data, curve_every)  # after the timer: its decoding is not timed
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, max_epochs=-1, val_check_interval=min(300, steps),
-        check_val_every_n_epoch=None, gradient_clip_val=1.0, callbacks=[*callbacks, checkpoint, timer],
+        check_val_every_n_epoch=None, gradient_clip_val=1.0, callbacks=[*callbacks, checkpoint, timer, curves],
         logger=False, enable_model_summary=False,
     )
     trainer.fit(model, data)
+    curves.save(output / f"{name}_curves.json", name, params)
     best = Seq2SeqTransformer.load_from_checkpoint(checkpoint.best_model_path)
     scores = trainer.test(best, data, verbose=False)[0]
     return best, scores, 1000 * statistics.median(timer.times[len(timer.times) // 10 :])
@@ -112,7 +178,7 @@ def main() -> None:
     if args.teacher is None:
         L.seed_everything(args.seed, verbose=False)
         teacher = translator(data, args.teacher_d_model, args.layers, args.teacher_steps, args.label_smoothing)
-        teacher, scores, ms = fit(teacher, data, args.teacher_steps, args.output, "teacher", [])
+        teacher, scores, ms = fit(teacher, data, args.teacher_steps, args.output, "teacher", [], args.curve_every)
         rows.append((f"teacher ({args.teacher_steps} steps)", teacher, scores, ms))
     else:
         teacher = Seq2SeqTransformer.load_from_checkpoint(args.teacher, map_location="cpu", weights_only=True)
@@ -129,7 +195,7 @@ def main() -> None:
         L.seed_everything(args.seed, verbose=False)
         student = translator(data, args.student_d_model, args.layers, args.steps, args.label_smoothing)
         student, scores, ms = fit(student, data, args.steps, args.output, name.split(" (")[0].replace(" ", "_"),
-                                  callbacks)
+                                  callbacks, args.curve_every)
         rows.append((f"{name}, {args.steps} steps", student, scores, ms))
 
     print(f"\nen->fr number words, {len(data.numbers('train'))} training pairs; "

@@ -4,7 +4,8 @@ The fp32 translator is trained (or loaded with ``--model``), then quantized two 
 same torchao scheme (``--scheme``, int8 dynamic activations and int4 weights in groups of 32 by
 default): post-training quantization (PTQ: convert as it is), and quantization-aware training
 (QAT: fine-tune with ``QuantizationAwareTraining`` on the Trainer, then convert). The table
-compares test BLEU, perplexity, the linear layers' weight bytes and CPU greedy-translation time.
+compares test BLEU, perplexity, the linear layers' weight bytes and CPU greedy-translation time;
+it is also saved as ``results.json`` under ``--output`` (for docs/make_figures.py).
 
     python examples/quantize_translator.py                      # the full run (minutes on 2 cores)
     python examples/quantize_translator.py --model outputs/distill_translator/teacher.ckpt
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 import warnings
@@ -115,6 +117,12 @@ def main() -> None:
     print(f"\nQAT BLEU {'>=' if qat_scores['test_bleu'] >= ptq_scores['test_bleu'] else '<'} PTQ BLEU; "
           f"QAT is {100 * (fp32_scores['test_bleu'] - qat_scores['test_bleu']):.2f} BLEU points below fp32")
     args.output.mkdir(parents=True, exist_ok=True)
+    table = [{"model": name, "test_bleu": float(scores["test_bleu"]), "test_ppl": float(scores["test_ppl"]),
+              "weight_bytes": int(stored), "fp32_weight_bytes": int(fp32), "translate_ms": ms}
+             for name, scores, stored, fp32, ms in rows]
+    (args.output / "results.json").write_text(json.dumps(
+        {"scheme": args.scheme, "group_size": args.group_size, "qat_steps": args.qat_steps,
+         "test_size": args.test_size, "translate_sentences": len(src), "rows": table}, indent=1))
     torch.save(qat_model.state_dict(), args.output / f"qat_{args.scheme}.pt")
     print(f"converted weights: {args.output / f'qat_{args.scheme}.pt'}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -74,6 +75,12 @@ def test_distill_translator(tmp_path):
     assert re.search(r"distilled student (beats|does not beat) the student alone", out)
     teacher = tmp_path / "teacher.ckpt"
     assert teacher.exists()
+    for name, steps in (("teacher", 6), ("student_alone", 4), ("student_distilled", 4)):
+        curves = json.loads((tmp_path / f"{name}_curves.json").read_text())  # for docs/make_figures.py
+        assert [step for step, _ in curves["train_loss"]] == list(range(1, steps + 1))
+        assert all(loss > 0 for _, loss in curves["train_loss"])
+        assert [step for step, _ in curves["val_bleu"]] == [0, steps]
+        assert all(0.0 <= bleu <= 1.0 for _, bleu in curves["val_bleu"]) and curves["val_sentences"] == 32
     # A saved teacher can be given back by path.
     again = run("distill_translator.py", "--high", "300", "--val-size", "32", "--test-size", "32", "--steps", "2",
                 "--teacher", str(teacher), "--student-d-model", "16", "--layers", "1", "--output", str(tmp_path))
@@ -90,6 +97,9 @@ def test_quantize_translator(tmp_path):
     assert float(rows[0][3]) == 1.0 and float(rows[1][3]) <= 0.35 and float(rows[2][3]) <= 0.35
     assert all(0.0 <= float(row[1]) <= 1.0 and float(row[2]) >= 1.0 for row in rows)
     assert (tmp_path / "qat_8da4w.pt").exists() and (tmp_path / "fp32.ckpt").exists()
+    saved = json.loads((tmp_path / "results.json").read_text())  # the table, for docs/make_figures.py
+    assert [row["model"] for row in saved["rows"]] == ["fp32", "PTQ 8da4w", "QAT 8da4w, 3 steps"]
+    assert all(abs(row["test_bleu"] - float(printed[1])) <= 5e-5 for row, printed in zip(saved["rows"], rows, strict=True))
 
 
 def test_adversarial_translator(tmp_path):
@@ -108,6 +118,13 @@ def test_adversarial_translator(tmp_path):
         assert float(ms) > 0 and float(ratio) > 0
     assert re.search(r"^fgm: PGD-10 token accuracy [+-]\d", out, re.M) and re.search(r"^pgd: PGD-10", out, re.M)
     assert {"plain.ckpt", "fgm.ckpt", "pgd.ckpt"} <= {path.name for path in tmp_path.iterdir()}
+    saved = json.loads((tmp_path / "results.json").read_text())  # for docs/make_figures.py
+    assert saved["checkpoints"] == {"plain": "plain.ckpt", "fgm": "fgm.ckpt", "pgd": "pgd.ckpt"}
+    assert saved["data"] == {"high": 300, "val_size": 32, "test_size": 32, "seed": 0}
+    for name, cells, _, _ in (row for row in rows if row[0] in ("plain", "fgm", "pgd-3")):
+        bleu, _, robust = map(float, cells.split("|"))
+        scores = saved["scores"][name.split("-")[0]]
+        assert abs(scores["test_bleu"] - bleu) <= 5e-5 and abs(scores["robust_acc"] - robust) <= 5e-5
 
 
 @pytest.mark.slow

@@ -47,9 +47,10 @@ def test_plot_robustness(figures, tmp_path):
 
 
 def test_plot_quantization(figures, tmp_path):
-    rows = [{"model": "fp32", "test_bleu": 0.98, "weight_bytes": 400_000, "fp32_weight_bytes": 400_000},
-            {"model": "PTQ 8da4w", "test_bleu": 0.91, "weight_bytes": 116_000, "fp32_weight_bytes": 400_000},
-            {"model": "QAT 8da4w, 100 steps", "test_bleu": 0.97, "weight_bytes": 116_000,
+    rows = [{"model": "fp32", "test_bleu": 0.98, "test_ppl": 1.2, "weight_bytes": 400_000, "fp32_weight_bytes": 400_000},
+            {"model": "PTQ 8da4w", "test_bleu": 0.91, "test_ppl": 1.5, "weight_bytes": 116_000,
+             "fp32_weight_bytes": 400_000},
+            {"model": "QAT 8da4w, 100 steps", "test_bleu": 0.97, "test_ppl": 1.25, "weight_bytes": 116_000,
              "fp32_weight_bytes": 400_000}]
     check_png(figures.plot_quantization(rows, tmp_path / "quantization.png"))
 
