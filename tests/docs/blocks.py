@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.accelerator import ACCELERATOR
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # An opening fence: indentation (a block may sit in a list or an admonition), three or more
@@ -74,7 +76,11 @@ DROPPED = ("val_check_interval", "max_time")
 
 
 def capped(init: Any) -> Any:
-    """Wrap ``Trainer.__init__`` so that every Trainer stops after at most ``MAX_STEPS`` steps."""
+    """Wrap ``Trainer.__init__`` so that every Trainer stops after at most ``MAX_STEPS`` steps.
+
+    A Trainer whose page names no accelerator gets the suite's (``tests.accelerator``), not
+    Lightning's ``"auto"``.
+    """
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -86,6 +92,7 @@ def capped(init: Any) -> Any:
             given = kwargs.get(name)
             kwargs[name] = min(given, cap) if isinstance(given, int) or given == 0 else cap
         kwargs.update(CAPS)
+        kwargs.setdefault("accelerator", ACCELERATOR)
         init(self, *args, **kwargs)
 
     return __init__

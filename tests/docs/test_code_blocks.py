@@ -65,13 +65,14 @@ def test_unclosed_fence_is_named(tmp_path: Path) -> None:
         list(blocks(page))
 
 
-def test_trainer_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trainer_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accelerator: str) -> None:
     monkeypatch.setattr(Trainer, "__init__", capped(Trainer.__init__))
-    trainer = Trainer(max_steps=1500, val_check_interval=100, default_root_dir=tmp_path, logger=False)
+    common = {"accelerator": accelerator, "default_root_dir": tmp_path, "logger": False}
+    trainer = Trainer(max_steps=1500, val_check_interval=100, **common)
     assert trainer.max_steps == 3
     assert trainer.max_epochs == 1
-    assert Trainer(max_steps=2, default_root_dir=tmp_path, logger=False).max_steps == 2
+    assert Trainer(max_steps=2, **common).max_steps == 2
     # A page's own smaller limits are kept: 0 turns validation off, 1 batch stays 1.
-    quiet = Trainer(limit_val_batches=0, limit_train_batches=1, default_root_dir=tmp_path, logger=False)
+    quiet = Trainer(limit_val_batches=0, limit_train_batches=1, **common)
     assert (quiet.limit_val_batches, quiet.limit_train_batches, quiet.limit_test_batches) == (0, 1, 2)
-    assert Trainer(limit_val_batches=0.5, default_root_dir=tmp_path, logger=False).limit_val_batches == 2
+    assert Trainer(limit_val_batches=0.5, **common).limit_val_batches == 2
