@@ -493,7 +493,7 @@ class Seq2SeqTransformer(L.LightningModule):
         self._evaluate(batch, batch_idx, "val", self.hp.val_generate_batches)
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val_rougeL`` of the decoded batches."""
+        """Log ``val_bleu`` and ``val_rougeL`` of the decoded batches."""
         self._log_generation_scores("val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
@@ -501,7 +501,7 @@ class Seq2SeqTransformer(L.LightningModule):
         self._evaluate(batch, batch_idx, "test", None)
 
     def on_test_epoch_end(self) -> None:
-        """Log ``test_rougeL``."""
+        """Log ``test_bleu`` and ``test_rougeL`` of the decoded batches."""
         self._log_generation_scores("test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> Tensor:

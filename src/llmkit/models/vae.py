@@ -94,8 +94,8 @@ class VAE(L.LightningModule):
     and, with ``free_bits > 0``, each latent dimension's batch-mean KL counts as at least
     ``free_bits`` nats (Kingma et al., 2016). Logged, in nats per example: ``train_elbo``,
     ``train_recon``, ``train_kl`` (the bound itself, whatever ``beta_t``), ``val_elbo``,
-    ``val_recon``, ``val_kl``, ``val_active_units``, and at test ``test_elbo`` and ``test_nll``
-    (importance-weighted, ``test_nll_samples`` samples).
+    ``val_recon``, ``val_kl``, ``val_active_units``, and at test ``test_elbo``, ``test_recon``,
+    ``test_kl`` and ``test_nll`` (importance-weighted, ``test_nll_samples`` samples).
 
     With a Bernoulli likelihood on grey levels in [0, 1] (as the pytorch/examples VAE on MNIST),
     ``log p(x | z)`` is minus the binary cross-entropy: a score to compare models by, not a
