@@ -1,7 +1,7 @@
 """The ``llmkit`` command: LightningCLI over llmkit's modules and data modules.
 
     llmkit fit --config examples/configs/translate.yaml
-    llmkit test --config examples/configs/translate.yaml --ckpt_path outputs/translate/last.ckpt
+    llmkit test --config examples/configs/translate.yaml --ckpt_path outputs/translate/lightning_logs/.../last.ckpt
     llmkit fit --config examples/configs/vae_digits.yaml
     llmkit fit --config examples/configs/lm.yaml
 

@@ -59,7 +59,7 @@ class AttackResult:
         """``(correct, counted)`` tokens of the arg-max of the logits against the batch's targets.
 
         Targets are found as :class:`llmkit.callbacks.KnowledgeDistillation` finds them
-        (``labels``/``target``/``tgt``/``y`` or the last item; ``tgt[:, 1:]`` for teacher forcing;
+        (``labels``/``label``/``targets``/``target``/``tgt``/``y`` or the last item; ``tgt[:, 1:]`` for teacher forcing;
         shifted by one for a causal LM); those equal to ``ignore_index`` (``None``: -100) do not count.
         """
         output = self.clean_output if clean else self.output

@@ -137,8 +137,8 @@ class KnowledgeDistillation(ComposingCallback):
         ignore_index: target value of tokens that do not count (padding). ``None``: every token
             counts but those labelled -100 (Hugging Face's and PyTorch's ignored label).
         target_fn: gives the targets ``[...]`` from the batch, aligned with the logits' tokens.
-            By default the batch's ``"labels"``/``"target"``/``"tgt"``/``"y"`` entry (or its last
-            item), used as is when it has one target per token, or without its first position
+            By default the batch's ``"labels"``/``"label"``/``"targets"``/``"target"``/``"tgt"``/``"y"``
+            entry (or its last item), used as is when it has one target per token, or without its first position
             (``tgt[:, 1:]``, teacher forcing) when that one is longer.
         forward_module: the student's submodule whose forward gives the logits (``None``: the
             LightningModule's own forward where it defines one, else its only child with
@@ -249,7 +249,8 @@ class KnowledgeDistillation(ComposingCallback):
             saved = state_dict.get(name)
             if saved is not None and not math.isclose(saved, getattr(self, name)):
                 rank_zero_warn(f"KnowledgeDistillation resumes with {name}={getattr(self, name)}, saved with {saved}")
-        # Checkpoints of llmkit <= 0.2 named them as the student's children ("kd_projections.0.weight").
+        # Checkpoints written before the callbacks composed named them as the student's children
+        # ("kd_projections.0.weight").
         prefix = f"{_PROJECTIONS}."
         saved_projections = {k.removeprefix(prefix): v for k, v in state_dict.get("projections", {}).items()}
         if not saved_projections:
