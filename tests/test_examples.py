@@ -181,8 +181,9 @@ def test_train_lm(tmp_path):
     rows = re.findall(r"^\| (.+?)\s+\|\s+([\d,]+) \|\s+(\S+) \|\s+(\d+) KiB \((\S+)x\) \|\s+(\S+) \|$", out, re.M)
     assert [row[0] for row in rows] == [
         "llmkit CausalLMTransformer", "nanoGPT recipe, same time", "student alone, 4 steps",
-        "student distilled, 4 steps", "QAT 8da4w, 2 steps",
+        "student distilled, 4 steps", "fp32, fine-tuned 2 steps", "QAT 8da4w, fine-tuned 2 steps",
     ], out
     assert all(1.0 < float(ppl) < 400.0 for _, _, ppl, *_ in rows)  # finite, about uniform (300) after so few steps
-    assert float(rows[-1][4]) <= 0.35  # int4 linear weights
+    assert float(rows[-1][4]) <= 0.35 and float(rows[-2][4]) == 1.0  # int4 linear weights, fp32 ones
+    assert re.search(r"QAT 8da4w perplexity \S+% against fp32 fine-tuned alike", out)
     assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "lm.ckpt").exists()
