@@ -185,11 +185,12 @@ def main() -> None:
 
     print(f"\nPython docs LM, {args.tokenizer} vocabulary {data.vocab_size}, blocks of {args.block_size}; "
           "test perplexity over every test token\n")
-    print(f"| {'model':<30} | {'params':>9} | {'test ppl':>8} | {'linear weights':>18} | {'ms/step':>7} |")
-    print(f"|{'-' * 32}|{'-' * 11}|{'-' * 10}|{'-' * 20}|{'-' * 9}|")
+    width = max(len(row[0]) for row in rows)
+    print(f"| {'model':<{width}} | {'params':>9} | {'test ppl':>8} | {'linear weights':>18} | {'ms/step':>7} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 11}|{'-' * 10}|{'-' * 20}|{'-' * 9}|")
     for name, size, ppl, (stored, fp32), ms in rows:
         weights = f"{stored / 1024:.0f} KiB ({stored / fp32:.2f}x)"
-        print(f"| {name:<30} | {size:>9,} | {ppl:8.2f} | {weights:>18} | {ms:7.1f} |")
+        print(f"| {name:<{width}} | {size:>9,} | {ppl:8.2f} | {weights:>18} | {ms:7.1f} |")
     alone, distilled = students["student alone"], students["student distilled"]
     print(f"\nllmkit / nanoGPT test perplexity at equal wall time: {lm_ppl / gpt_ppl:.3f}")
     print(f"distilled student {'better' if distilled < alone else 'not better'} than alone: "
