@@ -89,3 +89,17 @@ def test_readme_links_resolve() -> None:
     assert local, "the README links no guide"
     missing = [target for target in local if not (ROOT / target).exists()]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_sphinx_roles_render_as_links_or_code(site: Path) -> None:
+    # docs/sphinx_roles.py rewrites the docstrings' Sphinx roles at build time: none is left as text.
+    pages = sorted((site / "api").rglob("index.html"))
+    left = {page.parent.name: re.findall(r":(?:class|meth|func|attr|mod|data|obj|exc):`", page.read_text("utf-8"))
+            for page in pages}
+    assert not any(left.values()), f"Sphinx roles left as text: { {k: len(v) for k, v in left.items() if v} }"
+    # CausalLMTransformer's ":class:`~llmkit.nn.CausalDecoder`" links to the class's anchor on the nn page.
+    text = (site / "api" / "llmkit" / "index.html").read_text("utf-8")
+    link = re.search(r'<a class="autorefs autorefs-internal"[^>]*href="([^"]+)"><code>CausalDecoder</code></a>', text)
+    assert link is not None, "the role :class:`~llmkit.nn.CausalDecoder` did not become a link"
+    page, _, anchor = link.group(1).partition("#")
+    assert anchor in _ID.findall((site / "api" / "llmkit" / page / "index.html").resolve().read_text("utf-8"))

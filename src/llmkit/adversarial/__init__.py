@@ -25,7 +25,7 @@ The parts: :mod:`~llmkit.adversarial.settings` (:class:`AttackConfig`),
 :mod:`~llmkit.adversarial.geometry` (the ball), :mod:`~llmkit.adversarial.sites` (where
 ``delta`` goes), :mod:`~llmkit.adversarial.isolation` (passes that leave the model as it was),
 :mod:`~llmkit.adversarial.quantized` (gradients through quantized layers) and
-:mod:`~llmkit.adversarial.attack` (:func:`attack`).
+:mod:`~llmkit.adversarial.attacks` (:func:`attack`).
 """
 
 from llmkit._outputs import unwrap_loss
