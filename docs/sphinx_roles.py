@@ -90,15 +90,12 @@ class SphinxRoles(griffe.Extension):
     """Rewrite the roles of every docstring in a loaded package (llmkit)."""
 
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
-        """Visit every object of the package once, after it is loaded."""
+        """Rewrite every docstring of the package once, after it is loaded."""
         targets = rendered(pkg, Path(__file__).parent / "api")
-        seen: set[str] = set()
+        # Members that are not aliases form a tree: each object is reached once.
         stack: list[griffe.Object] = [pkg]
         while stack:
             obj = stack.pop()
-            if obj.path in seen:
-                continue
-            seen.add(obj.path)
             if obj.docstring is not None:
                 obj.docstring.value = rewrite(obj, obj.docstring.value, targets)
             stack.extend(member for member in obj.members.values() if not member.is_alias)
